@@ -1,0 +1,1 @@
+"""vllm-fleet roles: one module per concern, ``@deploy`` functions plus the pure logic they use."""
