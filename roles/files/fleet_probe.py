@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Health waits and smoke tests, run ON a fleet host (stdlib only: hosts have no extra packages).
+
+    fleet_probe.py wait  --unit vllm@a --port 8001 --timeout 900
+    fleet_probe.py smoke --instance a:8001 ... [--lb-port 80 --model NAME] [--env-dir DIR] [--report]
+
+``wait`` prints progress while an instance loads and, on failure, the unit's last journal
+lines. ``smoke`` prints one JSON object with every check's result; with ``--report`` it exits
+non-zero when a check failed, after printing the failures and the journals of failing units.
+Requests go to this host's own loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+JOURNAL_LINES = 40
+PROMPT = "The capital of France is"
+
+
+def http(method: str, port: int, path: str, body: dict | None = None, timeout: float = 30.0,
+         api_key: str | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (OSError, urllib.error.URLError) as e:
+        return 0, str(e).encode()
+
+
+def unit_state(unit: str) -> str:
+    out = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def journal(unit: str) -> str:
+    out = subprocess.run(["journalctl", "-u", unit, "-n", str(JOURNAL_LINES), "--no-pager", "-o", "cat"],
+                         capture_output=True, text=True)
+    return out.stdout
+
+
+def wait(unit: str, port: int, timeout: float, interval: float = 1.0) -> int:
+    start = time.monotonic()
+    last_note = start
+    while True:
+        status, _ = http("GET", port, "/health", timeout=5)
+        elapsed = time.monotonic() - start
+        if status == 200:
+            print(f"{unit}: healthy on port {port} after {elapsed:.0f}s")
+            return 0
+        state = unit_state(unit)
+        if state == "failed":
+            print(f"{unit}: the unit failed while starting. Last journal lines:\n{journal(unit)}", file=sys.stderr)
+            return 1
+        if elapsed > timeout:
+            print(f"{unit}: no healthy /health on port {port} within {timeout:.0f}s (unit {state}). "
+                  f"Last journal lines:\n{journal(unit)}", file=sys.stderr)
+            return 1
+        if time.monotonic() - last_note >= 15:
+            print(f"{unit}: still loading ({elapsed:.0f}s, unit {state})", flush=True)
+            last_note = time.monotonic()
+        time.sleep(interval)
+
+
+def read_api_key(env_dir: str, name: str) -> str | None:
+    """The instance's API key, read from its environment file (never passed on a command line)."""
+    try:
+        with open(f"{env_dir}/{name}.env") as fh:
+            for line in fh:
+                if line.startswith("VLLM_API_KEY="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return None
+
+
+def check_instance(name: str, port: int, api_key: str | None) -> list[dict]:
+    results = []
+    status, _ = http("GET", port, "/health")
+    results.append({"check": f"{name} /health", "ok": status == 200, "detail": f"HTTP {status}",
+                    "unit": f"vllm@{name}"})
+    status, body = http("GET", port, "/v1/models", api_key=api_key)
+    ok = status == 200 and bool(json.loads(body or b"{}").get("data")) if status == 200 else False
+    results.append({"check": f"{name} /v1/models", "ok": ok, "detail": f"HTTP {status}", "unit": f"vllm@{name}"})
+    return results
+
+
+def check_lb(port: int, model: str, api_key: str | None) -> list[dict]:
+    results = []
+    status, body = http("POST", port, "/v1/completions",
+                        {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, api_key=api_key)
+    text = json.loads(body)["choices"][0]["text"] if status == 200 else body[:200].decode(errors="replace")
+    results.append({"check": "load balancer /v1/completions", "ok": status == 200,
+                    "detail": f"HTTP {status}: {text!r}"})
+    status, body = http("POST", port, "/v1/chat/completions",
+                        {"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                         "max_tokens": 8, "stream": True}, api_key=api_key)
+    chunks = [line for line in body.decode(errors="replace").splitlines() if line.startswith("data: ")]
+    ok = status == 200 and len(chunks) >= 2 and chunks[-1] == "data: [DONE]"
+    results.append({"check": "load balancer streamed /v1/chat/completions", "ok": ok,
+                    "detail": f"HTTP {status}, {len(chunks)} SSE events"})
+    return results
+
+
+def smoke(args: argparse.Namespace) -> int:
+    results, key = [], None
+    for spec in args.instance:
+        name, port = spec.rsplit(":", 1)
+        key = read_api_key(args.env_dir, name)
+        results += check_instance(name, int(port), key)
+    if args.lb_port:
+        results += check_lb(args.lb_port, args.model, key)
+    failed = [r for r in results if not r["ok"]]
+    if not args.report:
+        print(json.dumps({"ok": not failed, "results": results}))
+        return 0
+    for r in results:
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']}: {r['detail']}", file=sys.stderr if not r["ok"] else sys.stdout)
+    for unit in sorted({r["unit"] for r in failed if r.get("unit")}):
+        print(f"--- last journal lines of {unit} ---\n{journal(unit)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("wait")
+    w.add_argument("--unit", required=True)
+    w.add_argument("--port", type=int, required=True)
+    w.add_argument("--timeout", type=float, required=True)
+    s = sub.add_parser("smoke")
+    s.add_argument("--instance", action="append", default=[], help="NAME:PORT of a local instance")
+    s.add_argument("--lb-port", type=int)
+    s.add_argument("--model")
+    s.add_argument("--env-dir", default="/etc/vllm-fleet/instances", help="where instance API keys are")
+    s.add_argument("--report", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "wait":
+        return wait(args.unit, args.port, args.timeout)
+    return smoke(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

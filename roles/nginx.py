@@ -1,0 +1,47 @@
+"""The nginx role: one least-connections upstream of every instance in the fleet, streaming-safe.
+
+The configuration is checked with ``nginx -t`` before any reload, so a bad render never
+reaches the running load balancer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from roles import settings
+from roles.fleet import FleetPlan
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
+# Debian's and Ubuntu's packaged default site also claims port 80.
+DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+APT_ARGS = "-o DPkg::Lock::Timeout=300"
+
+
+def template_vars(plan: FleetPlan, data) -> dict:
+    """What the nginx template renders from: the fleet's upstreams and this host's nginx settings."""
+    return {
+        "upstreams": plan.upstreams,
+        "listen_port": settings.value(data, "nginx_listen_port"),
+        "read_timeout": settings.value(data, "nginx_read_timeout"),
+        "max_fails": settings.value(data, "nginx_max_fails"),
+        "fail_timeout": settings.value(data, "nginx_fail_timeout"),
+        "keepalive": settings.value(data, "nginx_keepalive"),
+    }
+
+
+@deploy("nginx load balancer")
+def load_balancer(plan: FleetPlan, data):
+    apt.packages(name="Install nginx", packages=["nginx"], update=True, cache_time=3600,
+                 extra_install_args=APT_ARGS)
+    default_site = files.file(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
+    conf = files.template(name="Render the fleet upstream", src=str(TEMPLATES / "nginx-vllm-fleet.conf.j2"),
+                          dest=CONF_PATH, **template_vars(plan, data))
+    changed = any_changed(conf, default_site)
+    server.shell(name="Check the nginx configuration", commands=["nginx -t"], _if=changed)
+    systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)
+    systemd.service(name="Reload nginx on its new configuration", service="nginx", reloaded=True, _if=changed)

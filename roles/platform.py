@@ -1,0 +1,56 @@
+"""What differs between the supported host distributions, in one place.
+
+The release lock is resolved for one Python major.minor; each distribution ships a
+different set of interpreters, so the interpreter (and the package that provides venv)
+is chosen here from the host's ``LinuxDistribution`` fact, or refused before any change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from roles.errors import FleetConfigError
+
+# (distribution name, major version) -> Python versions installable from its own archive.
+PYTHONS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Debian", "12"): ("3.11",),
+    ("Ubuntu", "22.04"): ("3.10", "3.11"),  # 3.11 from universe
+    ("Ubuntu", "24.04"): ("3.12",),
+}
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    version: str
+    python: str  # interpreter command, e.g. python3.11
+
+    @property
+    def packages(self) -> list[str]:
+        """Packages every vLLM host needs from the distribution."""
+        # venv is split out of python3.X on Debian and Ubuntu; procps for pkill/ps in runbooks.
+        return [self.python, f"{self.python}-venv", "procps"]
+
+
+def _version_key(distro: dict) -> str:
+    # Ubuntu releases are year.month (the fact gives minor 4 for 22.04); Debian's is its major.
+    if distro.get("name") == "Ubuntu":
+        return f"{distro.get('major')}.{int(distro.get('minor') or 0):02d}"
+    return str(distro.get("major"))
+
+
+def for_host(host_name: str, distro: dict, lock_python: str, python_override: str | None = None) -> Platform:
+    """The platform of a host from its LinuxDistribution fact, checked against the lock's Python."""
+    name, version = distro.get("name"), _version_key(distro)
+    supported = PYTHONS.get((name, version))
+    if supported is None:
+        known = ", ".join(f"{n} {v}" for n, v in PYTHONS)
+        raise FleetConfigError(f"host {host_name}", f"runs {name} {version}, which vllm-fleet does not support.",
+                               f"use one of: {known}.")
+    if lock_python not in supported and python_override is None:
+        raise FleetConfigError(f"host {host_name}: release python",
+                               f"the release lock is resolved for Python {lock_python}, but {name} {version} "
+                               f"ships Python {', '.join(supported)}.",
+                               f"pin a release resolved for Python {supported[-1]} for these hosts, or set "
+                               "vllm_python to an interpreter of the lock's version that you install yourself.")
+    return Platform(name=name, version=version, python=python_override or f"python{lock_python}")

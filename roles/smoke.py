@@ -1,0 +1,46 @@
+"""Smoke tests at the end of every deploy: each instance, then the fleet through the load balancer.
+
+The checks run at execute time on each host (its own instances on loopback; on load-balancer
+hosts also a completion and a streamed chat completion through nginx). A passing smoke test
+is not a change; a failing one fails the deploy and prints the failing units' journal lines.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from pyinfra import host, state
+from pyinfra.api import StringCommand, operation
+from pyinfra.facts.server import Command
+
+from roles import settings
+from roles.fleet import FleetPlan
+from roles.vllm import ENV_DIR, PROBE_PATH
+
+
+def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | None:
+    """The probe invocation for one host, or None when the host has nothing to check."""
+    args = ["python3", PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
+    mine = plan.host(host_name)
+    for inst in mine.instances if mine else ():
+        args += ["--instance", f"{inst.name}:{inst.port}"]
+    if host_name in plan.lb_hosts:
+        args += ["--lb-port", str(settings.value(data, "nginx_listen_port")), "--model", plan.served_model_name]
+    if len(args) == 5:
+        return None
+    return shlex.join(args + (["--report"] if report else []))
+
+
+@operation()
+def fleet_smoke(plan: FleetPlan, data):
+    """Pass quietly, or fail with the probe's report (which includes the journals)."""
+    command = probe_command(plan, host.name, data, report=False)
+    if command is None or not state.is_executing:
+        # Before execution the instances may not exist yet; there is nothing to check.
+        return
+    outcome = json.loads(host.get_fact(Command, command=command))
+    if outcome["ok"]:
+        host.noop("smoke test passed: " + ", ".join(r["check"] for r in outcome["results"]))
+        return
+    yield StringCommand(probe_command(plan, host.name, data, report=True))
