@@ -1,19 +1,12 @@
 """Deploy the vLLM fleet: `pyinfra inventories/<name>.py deploys/vllm.py` (run from the repo root).
 
-The whole fleet is planned and checked first; a configuration that cannot work stops here,
-before any operation runs on any host.
+The whole fleet is planned and checked first: a configuration that cannot work stops here,
+with a message naming the field and the fix, before any operation runs on any host.
 """
 
-from pyinfra import host, inventory
+from pyinfra import inventory
 
-from roles import nginx, smoke, vllm
+from roles import site
 from roles.fleet import plan_inventory
 
-plan = plan_inventory(inventory)
-host_plan = plan.host(host.name)
-
-if host_plan is not None:
-    vllm.vllm_host(host_plan)
-if host.name in plan.lb_hosts:
-    nginx.load_balancer(plan, host.data.dict())
-smoke.fleet_smoke(name="Smoke test", plan=plan, data=host.data.dict())
+site.serve(plan_inventory(inventory))
