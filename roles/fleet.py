@@ -19,7 +19,6 @@ from roles.errors import FleetConfigError
 from roles.release import Lock, Release, load_release, lock_path, read_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RELEASES_DIR = REPO_ROOT / "inventories" / "releases"
 
 # The groups a fleet inventory defines: vLLM hosts, and the host(s) running the load balancer.
 VLLM_GROUP = "vllm"
@@ -232,9 +231,9 @@ def split_cores(cpu_count: int, instance_count: int) -> list[str]:
 
 # ---- the whole fleet ---------------------------------------------------------------------------------
 
-def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT,
-              releases_dir: Path = RELEASES_DIR) -> HostPlan:
+def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
     settings.check_host_data(name, data)
+    releases_dir = base_dir / settings.value(data, "vllm_releases_dir")
     release_name = data.get("vllm_release")
     if not release_name:
         raise FleetConfigError(f"host {name}: vllm_release", "no release is pinned.",
@@ -255,8 +254,9 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT,
 
 
 def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterable[str],
-               base_dir: Path = REPO_ROOT, releases_dir: Path = RELEASES_DIR) -> FleetPlan:
-    plans = tuple(plan_host(n, d, base_dir, releases_dir) for n, d in hosts)
+               base_dir: Path = REPO_ROOT) -> FleetPlan:
+    """Plan every host; ``base_dir`` is what relative paths in the inventory are relative to."""
+    plans = tuple(plan_host(n, d, base_dir) for n, d in hosts)
     if not plans:
         raise FleetConfigError(f"inventory group `{VLLM_GROUP}`", "has no hosts.",
                                f"put the vLLM hosts in a group named `{VLLM_GROUP}`.")

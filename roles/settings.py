@@ -41,6 +41,8 @@ SETTINGS: tuple[Setting, ...] = (
     # --- what to serve -------------------------------------------------------------------
     Setting("vllm_release", str, None,
             "Release manifest name in inventories/releases/ (required): pins vLLM, torch, transformers."),
+    Setting("vllm_releases_dir", str, "inventories/releases",
+            "Folder of release manifests and their locks, relative to where pyinfra runs."),
     Setting("vllm_accelerator", str, "cpu",
             "Hardware the instances run on; must match the release's accelerator.",
             choices=("cpu", "nvidia")),

@@ -1,0 +1,104 @@
+"""Flags, environment and placement rendered from inventory settings (pure functions)."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+from jinja2 import Template
+
+from roles import engine
+from roles.errors import FleetConfigError
+from roles.fleet import Instance, auto_gpus, plan_fleet, split_cores
+from roles.nginx import template_vars
+from roles.settings import describe
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def host_plan(host_data, **overrides):
+    return plan_fleet([("h1", host_data(**overrides))], ["h1"]).hosts[0]
+
+
+def test_cpu_flags_carry_every_setting(host_data):
+    hp = host_plan(host_data, vllm_max_model_len=2048, vllm_max_num_seqs=8, vllm_enforce_eager=True,
+                   vllm_kv_cache_bytes=1 << 28, vllm_extra_args=["--seed", "7"])
+    args = engine.render_args(hp, hp.instances[1])
+    flags = dict(zip(args[::2], args[1::2]))  # pairs up to the first boolean flag
+    assert args[:2] == ["--model", hp.model_dir]
+    assert hp.model_dir.startswith("/var/lib/vllm-fleet/models/tiny-")
+    assert flags["--served-model-name"] == "tiny" and flags["--port"] == "8002"
+    assert "--max-model-len 2048" in " ".join(args) and "--max-num-seqs 8" in " ".join(args)
+    assert "--kv-cache-memory-bytes 268435456" in " ".join(args)
+    assert "--gpu-memory-utilization" not in args
+    assert {"--enable-prefix-caching", "--enable-chunked-prefill", "--enforce-eager"} <= set(args)
+    assert args[-2:] == ["--seed", "7"]
+
+
+def test_unset_optional_flags_are_left_to_vllm(host_data):
+    hp = host_plan(host_data)
+    args = engine.render_args(hp, hp.instances[0])
+    assert "--max-model-len" not in args and "--max-num-seqs" not in args and "--enforce-eager" not in args
+
+
+def test_instance_override_beats_host_value(host_data):
+    hp = host_plan(host_data, vllm_max_num_seqs=32,
+                   vllm_instances=[{"name": "a", "port": 8001, "max_num_seqs": 4}, {"name": "b", "port": 8002}])
+    assert "--max-num-seqs 4" in " ".join(engine.render_args(hp, hp.instances[0]))
+    assert "--max-num-seqs 32" in " ".join(engine.render_args(hp, hp.instances[1]))
+
+
+def test_prefix_caching_can_be_turned_off(host_data):
+    hp = host_plan(host_data, vllm_enable_prefix_caching=False)
+    assert "--no-enable-prefix-caching" in engine.render_args(hp, hp.instances[0])
+
+
+def test_env_binds_cores_and_keeps_api_key_off_the_command_line(host_data):
+    hp = host_plan(host_data, vllm_api_key="s3cret")
+    env = engine.render_env(hp, hp.instances[0], "0-3")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and env["VLLM_API_KEY"] == "s3cret"
+    assert "s3cret" not in env["VLLM_ARGS"]
+    text = engine.env_file(env)
+    # EnvironmentFile= unquotes like a shell; ExecStart's unbraced $VLLM_ARGS then splits at whitespace.
+    parsed = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith("#"))
+    [value] = shlex.split(parsed["VLLM_ARGS"])
+    assert value.split() == engine.render_args(hp, hp.instances[0])
+
+
+def test_whitespace_in_a_flag_is_refused(host_data):
+    hp = host_plan(host_data, vllm_served_model_name="my model")
+    with pytest.raises(FleetConfigError, match="whitespace"):
+        engine.render_args(hp, hp.instances[0])
+
+
+@pytest.mark.parametrize("cpus, n, expected", [
+    (2, 2, ["0", "1"]), (2, 1, ["0-1"]), (8, 3, ["0-1", "2-3", "4-7"]), (1, 2, ["0", "0"]), (2, 3, ["0-1"] * 3),
+])
+def test_split_cores(cpus, n, expected):
+    assert split_cores(cpus, n) == expected
+
+
+def test_nvidia_instances_get_their_own_gpus():
+    insts = [Instance("a", 1, {"vllm_gpus": None, "vllm_tensor_parallel_size": 2}),
+             Instance("b", 2, {"vllm_gpus": [0], "vllm_tensor_parallel_size": 1}),
+             Instance("c", 3, {"vllm_gpus": None, "vllm_tensor_parallel_size": 1})]
+    assert auto_gpus(insts) == {"a": [1, 2], "b": [0], "c": [3]}
+
+
+def test_nginx_config_lists_every_instance_and_is_streaming_safe(host_data):
+    fleet = plan_fleet([("h1", host_data()), ("h2", host_data(ssh_hostname="10.9.0.12",
+                                                                vllm_instances=[{"name": "a", "port": 8001}]))],
+                       ["h1"])
+    conf = Template((TEMPLATES / "nginx-vllm-fleet.conf.j2").read_text()).render(
+        **template_vars(fleet, {"nginx_read_timeout": 1200}))
+    servers = [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")]
+    assert servers == ["10.9.0.11:8001", "10.9.0.11:8002", "10.9.0.12:8001"]
+    for directive in ("least_conn;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
+                      "proxy_buffering off;", "proxy_read_timeout 1200s;", "keepalive 32;",
+                      "proxy_next_upstream error timeout"):
+        assert directive in conf
+
+
+def test_settings_table_documents_every_setting():
+    text = describe()
+    assert "vllm_kv_cache_bytes (int, default 1073741824) [per instance]" in text
+    assert "nginx_read_timeout" in text
