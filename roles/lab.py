@@ -80,8 +80,6 @@ SSH_OPTIONS = (
     "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
 )
-# Units that fail or make no sense inside a container on this machine.
-MASKED_UNITS = ("systemd-networkd-wait-online.service",)
 
 
 class LabError(RuntimeError):
@@ -222,14 +220,25 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def pid_alive(pidfile: Path) -> int | None:
-    """The pid recorded in pidfile if that process still exists."""
+def running_pid(pidfile: Path, program: str) -> int | None:
+    """The pid recorded in pidfile if it is still a live `program` process.
+
+    Checking the program guards against a recycled pid; zombies count as gone.
+    """
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
+        return pid if process_is(pid, program) else None
     except (OSError, ValueError):
         return None
-    return pid
+
+
+def process_is(pid: int, program: str) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and Path(argv0).name == program
 
 
 def mounted(path: Path) -> bool:
@@ -297,7 +306,7 @@ def ensure_base(key: Path) -> None:
     stamp = stamp_text(mirror)
     if base_dir().is_dir() and base_stamp().exists() and base_stamp().read_text() == stamp:
         return
-    if any(host_dir(host["name"]).exists() for host in hosts_on_disk()):
+    if hosts_on_disk():
         raise LabError("the base rootfs is out of date but hosts are built on it: "
                        "run `python -m roles.lab down --keep-base` first")
     say(f"building base rootfs with debootstrap from {mirror} (about 1 min)...")
@@ -362,9 +371,6 @@ def customize_base(root: Path, key: Path) -> None:
     # machine-id: empty in the base so each host gets its own (written at host creation).
     (root / "etc/machine-id").write_text("")
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    for unit in MASKED_UNITS:
-        (root / "etc/systemd/system" / unit).unlink(missing_ok=True)
-        (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
 
 
 # ---------------------------------------------------------------- network
@@ -410,20 +416,42 @@ def remove_network(names: list[str]) -> None:
 
 # ---------------------------------------------------------------- apt proxy
 
+def apt_proxy_config(address: str) -> str:
+    """acng.conf for the lab's apt-cacher-ng.
+
+    Plain caching proxy, without the distro config's Remap-* rules: those send Debian requests
+    to mirrors from backends_debian(.default), which may be unreachable from here, while the
+    hosts only ever ask for this machine's own (reachable) apt sources.
+    """
+    return "\n".join([
+        "CacheDir: /var/cache/apt-cacher-ng",
+        "LogDir: /var/log/apt-cacher-ng",
+        "SupportDir: /usr/lib/apt-cacher-ng",
+        f"BindAddress: {address}",
+        f"Port: {APT_PROXY_PORT}",
+        f"PidFile: {APT_PROXY_PIDFILE}",
+        f"SocketPath: {APT_PROXY_SOCKET}",
+        "ForeGround: 0",
+        "ExThreshold: 4",
+    ]) + "\n"
+
+
 def ensure_apt_proxy() -> None:
     """apt-cacher-ng on the bridge address; an instance already listening there is reused."""
     address = bridge_address()
     if port_open(address, APT_PROXY_PORT):
+        if not running_pid(APT_PROXY_PIDFILE, "apt-cacher-ng"):
+            say(f"reusing the apt proxy already listening on {address}:{APT_PROXY_PORT}")
         return
     say(f"starting apt-cacher-ng on {address}:{APT_PROXY_PORT}...")
+    config_dir = STATE_DIR / "apt-cacher-ng"
+    write_if_changed(config_dir / "acng.conf", apt_proxy_config(address))
     run_dir = APT_PROXY_PIDFILE.parent
     run_dir.mkdir(exist_ok=True)
     shutil.chown(run_dir, APT_PROXY_USER, APT_PROXY_USER)
-    # No systemd to supervise it: the daemon forks away from us (ForeGround=0) in its own
+    # No systemd to supervise it: the daemon forks away from us (ForeGround: 0) in its own
     # session, so it outlives this CLI; the pidfile tells `down` that the lab started it.
-    run("runuser", "-u", APT_PROXY_USER, "--", "apt-cacher-ng", "-c", "/etc/apt-cacher-ng",
-        "ForeGround=0", f"BindAddress={address}", f"Port={APT_PROXY_PORT}",
-        f"PidFile={APT_PROXY_PIDFILE}", f"SocketPath={APT_PROXY_SOCKET}",
+    run("runuser", "-u", APT_PROXY_USER, "--", "apt-cacher-ng", "-c", str(config_dir),
         start_new_session=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not port_open(address, APT_PROXY_PORT):
@@ -433,10 +461,10 @@ def ensure_apt_proxy() -> None:
 
 
 def stop_apt_proxy() -> None:
-    if pid := pid_alive(APT_PROXY_PIDFILE):
+    if pid := running_pid(APT_PROXY_PIDFILE, "apt-cacher-ng"):
         say("stopping apt-cacher-ng")
         os.kill(pid, signal.SIGTERM)
-        wait_gone(pid, 10)
+        wait_gone(pid, "apt-cacher-ng", 10)
     APT_PROXY_PIDFILE.unlink(missing_ok=True)
 
 
@@ -478,10 +506,17 @@ def write_hosts_file(merged: Path, name: str, count: int) -> None:
 
 
 def nspawn_pid(name: str) -> int | None:
-    return pid_alive(host_dir(name) / "nspawn.pid")
+    return running_pid(host_dir(name) / "nspawn.pid", "systemd-nspawn")
 
 
 def boot_host(name: str, merged: Path) -> None:
+    """Start nspawn for a host, detached.
+
+    No extra nspawn options are needed for the units deploys use: User=, PrivateTmp=,
+    CacheDirectory= and /dev/shm (a tmpfs of 10% of RAM) work as is. LimitNOFILE= is clamped to
+    this machine's hard limit (20000 here): its bounding set lacks CAP_SYS_RESOURCE, so neither
+    nspawn's --rlimit= nor systemd inside can raise it.
+    """
     console = open(host_dir(name) / "console.log", "ab")
     process = subprocess.Popen(
         ["systemd-nspawn", "--boot",
@@ -520,12 +555,10 @@ def wait_for_ssh(hosts: list[dict], key: Path) -> None:
             time.sleep(0.3)
 
 
-def wait_gone(pid: int, seconds: float) -> bool:
+def wait_gone(pid: int, program: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not process_is(pid, program):
             return True
         time.sleep(0.1)
     return False
@@ -535,9 +568,9 @@ def stop_host(name: str) -> None:
     if pid := nspawn_pid(name):
         say(f"stopping {name}")
         os.kill(pid, signal.SIGTERM)  # nspawn turns TERM into a clean halt of the host
-        if not wait_gone(pid, STOP_WAIT_S):
+        if not wait_gone(pid, "systemd-nspawn", STOP_WAIT_S):
             os.killpg(pid, signal.SIGKILL)
-            wait_gone(pid, 5)
+            wait_gone(pid, "systemd-nspawn", 5)
     merged = host_dir(name) / "merged"
     if mounted(merged):
         run("umount", str(merged))

