@@ -17,7 +17,7 @@ from roles.fleet import FleetPlan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
-# Debian's and Ubuntu's packaged default site also claims port 80.
+# Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 APT_ARGS = "-o DPkg::Lock::Timeout=300"
 
@@ -38,7 +38,7 @@ def template_vars(plan: FleetPlan, data) -> dict:
 def load_balancer(plan: FleetPlan, data):
     apt.packages(name="Install nginx", packages=["nginx"], update=True, cache_time=3600,
                  extra_install_args=APT_ARGS)
-    default_site = files.file(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
+    default_site = files.link(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
     conf = files.template(name="Render the fleet upstream", src=str(TEMPLATES / "nginx-vllm-fleet.conf.j2"),
                           dest=CONF_PATH, **template_vars(plan, data))
     changed = any_changed(conf, default_site)

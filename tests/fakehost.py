@@ -182,6 +182,8 @@ class SimulatedHost:
                 self.files[args[1]]["mode"] = int(args[0])
         elif cmd == "ln":
             self.links[args[-1]] = args[-2]
+        elif cmd == "rm" and args[-1] in self.links:
+            del self.links[args[-1]]
         elif cmd == "useradd":
             opts = dict(zip(args[::2], args[1::2]))
             self.users[args[-1]] = self._user(opts.get("-d"), opts.get("-s"), args[-1])
@@ -194,7 +196,8 @@ class SimulatedHost:
             for name in args[args.index("install") + 1:]:
                 if not name.startswith("-") and "=" not in name and name != "-o":
                     self.packages[name] = ["1.0"]
-                    if name == "nginx":  # Debian's and Ubuntu's postinst enable and start it
+                    if name == "nginx":  # Debian's and Ubuntu's package: default site, enabled and started
+                        self.links["/etc/nginx/sites-enabled/default"] = "/etc/nginx/sites-available/default"
                         self.running.add("nginx.service")
                         self.enabled.add("nginx.service")
         elif cmd == "systemctl" and len(args) == 2:

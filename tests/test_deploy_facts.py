@@ -52,6 +52,7 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
     assert "upload <generated> -> /etc/systemd/system/vllm@.service" in text
     assert "upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf" in text
     assert "nginx -t" in run
+    assert any(c.startswith("rm ") and c.endswith("/etc/nginx/sites-enabled/default") for c in run)
     # Instances start one after another, each waited on before the next starts.
     order = [c for c in run if c.startswith(("systemctl start vllm@", "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait"))]
     assert order == [

@@ -40,33 +40,50 @@ def http(method: str, port: int, path: str, body: dict | None = None, timeout: f
         return 0, str(e).encode()
 
 
-def unit_state(unit: str) -> str:
-    out = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def journal(unit: str) -> str:
-    out = subprocess.run(["journalctl", "-u", unit, "-n", str(JOURNAL_LINES), "--no-pager", "-o", "cat"],
+def unit_state(unit: str) -> tuple[str, int]:
+    """The unit's active state and how often systemd has restarted it."""
+    out = subprocess.run(["systemctl", "show", "-p", "ActiveState", "-p", "NRestarts", unit],
                          capture_output=True, text=True)
-    return out.stdout
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return props.get("ActiveState", "unknown"), int(props.get("NRestarts") or 0)
+
+
+def journal(unit: str, since: str | None = None) -> str:
+    """The unit's last lines, preceded by its distinct warning/error lines (the root cause of a
+    failed start is often a warning printed long before the final traceback)."""
+    args = ["journalctl", "-u", unit, "--no-pager", "-o", "cat"] + (["--since", since] if since else [])
+    lines = subprocess.run(args, capture_output=True, text=True).stdout.splitlines()
+    notable = []
+    for line in lines:
+        message = line.split("] ", 1)[-1]
+        is_frame = message.startswith((" ", "File ", "^", "Traceback"))  # engine tracebacks are logged per line
+        if (" WARNING " in line or " ERROR " in line) and not is_frame and line not in notable:
+            notable.append(line)
+    head = "\n".join(notable[:15])
+    return f"{head}\n...\n" + "\n".join(lines[-JOURNAL_LINES:])
 
 
 def wait(unit: str, port: int, timeout: float, interval: float = 1.0) -> int:
+    # The deploy started the unit just before this wait: its first lines are a few seconds older.
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 10))
     start = time.monotonic()
     last_note = start
+    _, restarts_before = unit_state(unit)
     while True:
         status, _ = http("GET", port, "/health", timeout=5)
         elapsed = time.monotonic() - start
         if status == 200:
             print(f"{unit}: healthy on port {port} after {elapsed:.0f}s")
             return 0
-        state = unit_state(unit)
-        if state == "failed":
-            print(f"{unit}: the unit failed while starting. Last journal lines:\n{journal(unit)}", file=sys.stderr)
+        state, restarts = unit_state(unit)
+        if state == "failed" or restarts > restarts_before:
+            # A crash while loading repeats at every restart: report the first one, do not wait it out.
+            print(f"{unit}: the instance exited while starting (unit {state}, restarted {restarts - restarts_before}"
+                  f" time(s)). Journal:\n{journal(unit, since)}", file=sys.stderr)
             return 1
         if elapsed > timeout:
             print(f"{unit}: no healthy /health on port {port} within {timeout:.0f}s (unit {state}). "
-                  f"Last journal lines:\n{journal(unit)}", file=sys.stderr)
+                  f"Journal:\n{journal(unit, since)}", file=sys.stderr)
             return 1
         if time.monotonic() - last_note >= 15:
             print(f"{unit}: still loading ({elapsed:.0f}s, unit {state})", flush=True)
