@@ -15,9 +15,13 @@ _ssh = {
     "ssh_strict_host_key_checking": "no",
 }
 # Instances per lab host, in host order; hosts beyond this list get one instance.
+# Lab hosts share this machine's cores, so the per-host default (a host's cores split between
+# its instances) would give lab2's instance both cores that lab1's instances are bound to.
+# An instance with two OpenMP threads on contended cores stalls for minutes at its thread
+# barriers; one core per instance keeps every instance single-threaded.
 _INSTANCES = [
-    [{"name": "a", "port": 8001}, {"name": "b", "port": 8002}],
-    [{"name": "a", "port": 8001}],
+    [{"name": "a", "port": 8001, "cpu_cores": "0"}, {"name": "b", "port": 8002, "cpu_cores": "1"}],
+    [{"name": "a", "port": 8001, "cpu_cores": "1"}],
 ]
 
 vllm = [

@@ -36,7 +36,7 @@ def render_args(host: HostPlan, inst: Instance) -> list[str]:
         args.append("--enforce-eager")
     args += [str(a) for a in inst.get("vllm_extra_args")]
     for arg in args:
-        # systemd splits $VLLM_ARGS at whitespace and does not honour quotes inside it.
+        # systemd splits $ENGINE_ARGS at whitespace and does not honour quotes inside it.
         if not arg or any(c.isspace() for c in arg):
             raise FleetConfigError(f"host {host.name}: instance {inst.name}: vLLM flag {arg!r}",
                                    "contains whitespace or is empty, which the unit cannot pass through.",
@@ -50,7 +50,8 @@ def render_env(host: HostPlan, inst: Instance, placement: str) -> dict[str, str]
     ``placement`` is the core list (CPU hosts) or comma-separated GPU indices (NVIDIA hosts),
     decided by the deploy from the host's facts.
     """
-    env = {"VLLM_ARGS": " ".join(render_args(host, inst))}
+    # Not VLLM_-prefixed: vLLM warns about every VLLM_* variable it does not know.
+    env = {"ENGINE_ARGS": " ".join(render_args(host, inst))}
     if host.accelerator == "nvidia":
         env["CUDA_VISIBLE_DEVICES"] = placement
     else:

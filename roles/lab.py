@@ -509,6 +509,35 @@ def nspawn_pid(name: str) -> int | None:
     return running_pid(host_dir(name) / "nspawn.pid", "systemd-nspawn")
 
 
+# The writable cgroup hierarchies of this machine (hybrid layout: systemd's named v1 tree and
+# an empty v2 tree). PID 1 is not systemd, so nothing gives a container a subtree of its own:
+# without one every host's systemd manages the same /system.slice paths, hosts see each
+# other's processes in them, and stopping a unit fails ("Failed to kill control group ...
+# Input/output error") and leaves its child processes running.
+CGROUP_TREES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+CGROUP_PARENT = "vllm-fleet-lab"
+
+
+def host_cgroups(name: str) -> list[Path]:
+    return [tree / CGROUP_PARENT / name for tree in CGROUP_TREES if (tree / "cgroup.procs").exists()]
+
+
+def enter_own_cgroups(name: str) -> None:
+    """Move the calling process (nspawn, before exec) into the host's own cgroups."""
+    for group in host_cgroups(name):
+        group.mkdir(parents=True, exist_ok=True)
+        (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+
+def remove_cgroups(name: str) -> None:
+    """Remove a stopped host's cgroups, deepest first (rmdir only works on empty groups)."""
+    for group in host_cgroups(name):
+        for sub in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            sub.rmdir()
+        if group.exists():
+            group.rmdir()
+
+
 def boot_host(name: str, merged: Path) -> None:
     """Start nspawn for a host, detached.
 
@@ -528,6 +557,7 @@ def boot_host(name: str, merged: Path) -> None:
          "--console=read-only"],
         stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
         start_new_session=True,  # own session: the host outlives this CLI and its terminal
+        preexec_fn=lambda: enter_own_cgroups(name),
     )
     (host_dir(name) / "nspawn.pid").write_text(f"{process.pid}\n")
 
@@ -574,6 +604,7 @@ def stop_host(name: str) -> None:
     merged = host_dir(name) / "merged"
     if mounted(merged):
         run("umount", str(merged))
+    remove_cgroups(name)
 
 
 # ---------------------------------------------------------------- commands

@@ -41,6 +41,7 @@ def fleet_smoke(plan: FleetPlan, data):
         return
     outcome = json.loads(host.get_fact(Command, command=command))
     if outcome["ok"]:
-        host.noop("smoke test passed: " + ", ".join(r["check"] for r in outcome["results"]))
+        # Logged, not a noop: operators want to see the proof at the end of every deploy.
+        host.log_styled("smoke test passed: " + ", ".join(r["check"] for r in outcome["results"]), fg="green")
         return
     yield StringCommand(probe_command(plan, host.name, data, report=True))

@@ -56,11 +56,11 @@ def test_env_binds_cores_and_keeps_api_key_off_the_command_line(host_data):
     hp = host_plan(host_data, vllm_api_key="s3cret")
     env = engine.render_env(hp, hp.instances[0], "0-3")
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and env["VLLM_API_KEY"] == "s3cret"
-    assert "s3cret" not in env["VLLM_ARGS"]
+    assert "s3cret" not in env["ENGINE_ARGS"]
     text = engine.env_file(env)
-    # EnvironmentFile= unquotes like a shell; ExecStart's unbraced $VLLM_ARGS then splits at whitespace.
+    # EnvironmentFile= unquotes like a shell; ExecStart's unbraced $ENGINE_ARGS then splits at whitespace.
     parsed = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith("#"))
-    [value] = shlex.split(parsed["VLLM_ARGS"])
+    [value] = shlex.split(parsed["ENGINE_ARGS"])
     assert value.split() == engine.render_args(hp, hp.instances[0])
 
 
