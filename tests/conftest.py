@@ -31,3 +31,30 @@ def host_data(model_dir):
         data.update(overrides)
         return data
     return make
+
+
+@pytest.fixture
+def nvidia_releases(tmp_path: Path) -> Path:
+    """The repository's releases plus a lock for the NVIDIA manifest (it cannot be resolved here:
+    the lock is written from a small resolution report, as `roles.release lock` would)."""
+    import hashlib
+    import shutil
+
+    from roles.release import load_release, lock_text
+
+    releases = tmp_path / "releases"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "inventories" / "releases", releases)
+    manifest = releases / "nvidia-vllm-0.32.0.yml"
+    release = load_release("nvidia-vllm-0.32.0", releases)
+    report = {
+        "environment": {"python_version": "3.11", "platform_machine": "x86_64"},
+        "install": [
+            {"metadata": {"name": name, "version": version},
+             "download_info": {"url": f"file:///w/{name}-{version}-py3-none-any.whl",
+                               "archive_info": {"hashes": {"sha256": hashlib.sha256(name.encode()).hexdigest()}}}}
+            for name, version in (("vllm", "0.32.0"), ("torch", "2.13.0"), ("transformers", "5.19.0"))
+        ],
+    }
+    (releases / "nvidia-vllm-0.32.0.lock").write_text(
+        lock_text(release, hashlib.sha256(manifest.read_bytes()).hexdigest(), report))
+    return releases

@@ -115,3 +115,26 @@ def test_failing_smoke_test_fails_the_deploy_with_the_report(host_data):
     assert smoke.commands == ["python3 /usr/local/lib/vllm-fleet/fleet_probe.py smoke --env-dir "
                               "/etc/vllm-fleet/instances --instance a:8001 --instance b:8002 "
                               "--lb-port 80 --model tiny --report"]
+
+
+def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision=revision)
+    fleet = plan_fleet([("h1", data)], ["h1"])
+    sim = SimulatedHost(ubuntu(22, 4))
+    first = deploy(fleet, "h1", data, sim)
+    stage = next(op for op in first if op.name.endswith("Model tiny"))
+    assert any("snapshot_download('acme/chat-7b', revision='0123456789abcdef0123456789abcdef01234567')" in c
+               and "sudo -u vllm env HF_HOME=/var/lib/vllm-fleet/hf" in c for c in stage.commands)
+    # The unit reads that snapshot offline, by path.
+    snapshot = f"/var/lib/vllm-fleet/hf/hub/models--acme--chat-7b/snapshots/{revision}"
+    env = next(op for op in first if op.name.endswith("Environment of vllm@a"))
+    assert sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1].startswith(f'ENGINE_ARGS="--model {snapshot} ')
+    assert env.commands
+    assert changed(deploy(fleet, "h1", data, sim)) == []
+
+
+def test_unpinned_hub_model_is_refused(host_data):
+    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision="main")
+    with pytest.raises(FleetConfigError, match="vllm_model_revision.*not a commit hash"):
+        plan_fleet([("h1", data)], ["h1"])

@@ -102,3 +102,23 @@ def test_settings_table_documents_every_setting():
     text = describe()
     assert "vllm_kv_cache_bytes (int, default 1073741824) [per instance]" in text
     assert "nginx_read_timeout" in text
+
+
+def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_releases):
+    hp = host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
+                   vllm_accelerator="nvidia", vllm_gpu_memory_utilization=0.92,
+                   vllm_instances=[{"name": "a", "port": 8001, "tensor_parallel_size": 2},
+                                   {"name": "b", "port": 8002}])
+    gpus = auto_gpus(hp.instances)
+    env = engine.render_env(hp, hp.instances[0], ",".join(map(str, gpus["a"])))
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and gpus["b"] == [2]
+    args = engine.render_args(hp, hp.instances[0])
+    assert "--gpu-memory-utilization 0.92" in " ".join(args) and "--tensor-parallel-size 2" in " ".join(args)
+    assert "--kv-cache-memory-bytes" not in args
+
+
+def test_two_instances_claiming_one_gpu_are_refused(host_data, nvidia_releases):
+    with pytest.raises(FleetConfigError, match="GPU 0 is already given to instance a"):
+        host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
+                  vllm_accelerator="nvidia", vllm_instances=[{"name": "a", "port": 8001, "gpus": [0]},
+                                                             {"name": "b", "port": 8002, "gpus": [0]}])

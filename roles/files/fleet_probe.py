@@ -131,7 +131,7 @@ def check_lb(port: int, model: str, api_key: str | None) -> list[dict]:
     return results
 
 
-def smoke(args: argparse.Namespace) -> int:
+def run_checks(args: argparse.Namespace) -> list[dict]:
     results, key = [], None
     for spec in args.instance:
         name, port = spec.rsplit(":", 1)
@@ -139,7 +139,20 @@ def smoke(args: argparse.Namespace) -> int:
         results += check_instance(name, int(port), key)
     if args.lb_port:
         results += check_lb(args.lb_port, args.model, key)
-    failed = [r for r in results if not r["ok"]]
+    return results
+
+
+def smoke(args: argparse.Namespace) -> int:
+    # A reload hands connections to new nginx workers gradually: for a few seconds an old
+    # worker may still answer with the previous configuration. Retry until the checks pass
+    # or the settle time is over.
+    deadline = time.monotonic() + args.settle
+    while True:
+        results = run_checks(args)
+        failed = [r for r in results if not r["ok"]]
+        if not failed or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     if not args.report:
         print(json.dumps({"ok": not failed, "results": results}))
         return 0
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--lb-port", type=int)
     s.add_argument("--model")
     s.add_argument("--env-dir", default="/etc/vllm-fleet/instances", help="where instance API keys are")
+    s.add_argument("--settle", type=float, default=20, help="seconds to retry failing checks")
     s.add_argument("--report", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "wait":
