@@ -1,10 +1,26 @@
 """The local lab: systemd-nspawn hosts brought up by `python -m roles.lab up`.
 
-Two hosts: lab1 runs two instances and the load balancer, lab2 runs one instance.
-Shared settings are in inventories/group_data/all.py.
+Two hosts: lab1 runs two instances and the load balancer, lab2 runs one instance. Every
+setting, its type and default: `python -m roles.cli settings` (declared in roles/settings.py).
 """
 
 from roles.lab import load_state
+
+# Settings of the whole lab fleet (kept here, not in group_data/, which every inventory in
+# this folder would share).
+_FLEET = {
+    "vllm_release": "cpu-vllm-0.32.0",
+    "vllm_accelerator": "cpu",
+    # Built by `make lab` (python -m roles.tiny_model .cache/models/tiny-llama): a random-weight Llama.
+    "vllm_model_path": ".cache/models/tiny-llama",
+    "vllm_served_model_name": "tiny-llama",
+    "vllm_max_model_len": 1024,
+    "vllm_max_num_seqs": 16,
+    # Two cores shared by three instances: small caches, no graph compilation (starts in ~25 s).
+    "vllm_kv_cache_bytes": 268435456,
+    "vllm_enforce_eager": True,
+    "vllm_start_timeout": 300,
+}
 
 _lab = load_state()
 _ssh = {
@@ -25,7 +41,7 @@ _INSTANCES = [
 ]
 
 vllm = [
-    (h["name"], {"ssh_hostname": h["address"], **_ssh,
+    (h["name"], {"ssh_hostname": h["address"], **_ssh, **_FLEET,
                  "vllm_instances": _INSTANCES[i] if i < len(_INSTANCES) else _INSTANCES[-1]})
     for i, h in enumerate(_lab["hosts"])
 ]

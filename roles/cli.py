@@ -1,6 +1,8 @@
 """vllm-fleet's own commands (pyinfra does the deploying):
 
     python -m roles.cli settings        every setting, its type, default and meaning
+    python -m roles.cli gpus            the GPU models the planner knows
+    python -m roles.cli plan INVENTORY  the capacity plan of a fleet, without connecting to any host
     python -m roles.cli howto           how to call the lab fleet, then a real streamed chat
                                         completion through its load balancer with the OpenAI SDK
 """
@@ -64,14 +66,53 @@ The model is a tiny random-weight Llama, so its words are noise; the plumbing is
     return 0 if chunks > 1 else 1
 
 
+def plan(inventory_file: str) -> int:
+    """Load the inventory as pyinfra does (group data included), plan it, print it."""
+    import os
+
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from roles.errors import FleetConfigError
+    from roles.fleet import plan_inventory
+    from roles.plan_report import render
+
+    try:
+        # pyinfra's inventory loader records the file it executes on the current state.
+        with ctx_state.use(State()):
+            inventory = make_inventory(inventory_file, cwd=os.getcwd())
+        print(render(plan_inventory(inventory)))
+    except FleetConfigError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def gpus() -> int:
+    from roles.gpus import GPUS
+
+    for key, g in GPUS.items():
+        print(f"{key:10} {g.name:28} {g.memory_bytes / 2**30:6.1f} GiB  {g.bandwidth_bytes_per_s / 1e12:5.2f} TB/s"
+              f"  bf16 {'yes' if g.bf16 else 'no':3}  fp8 {'yes' if g.fp8 else 'no'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["settings", "howto"])
+    parser.add_argument("command", choices=["settings", "gpus", "plan", "howto"])
+    parser.add_argument("inventory", nargs="?", help="inventory file, for plan")
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings.describe())
         return 0
+    if args.command == "gpus":
+        return gpus()
+    if args.command == "plan":
+        if not args.inventory:
+            parser.error("plan needs an inventory file, e.g. inventories/prod.py")
+        return plan(args.inventory)
     return howto()
 
 

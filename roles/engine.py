@@ -11,18 +11,23 @@ from roles.fleet import HostPlan, Instance
 
 def render_args(host: HostPlan, inst: Instance) -> list[str]:
     """The api_server flags of one instance, in a stable order."""
+    fit = inst.fit
+    # Lengths and parallelism always come from the capacity plan, derived or checked, so the
+    # unit shows what the instance really runs with.
     args = [
         "--model", host.model_dir,
         "--served-model-name", host.model.served_name,
         "--host", host.get("vllm_listen_address"),
         "--port", str(inst.port),
         "--dtype", inst.get("vllm_dtype"),
-        "--tensor-parallel-size", str(inst.get("vllm_tensor_parallel_size")),
+        "--tensor-parallel-size", str(fit.tensor_parallel),
+        "--max-model-len", str(fit.max_model_len),
+        "--max-num-seqs", str(fit.max_num_seqs),
     ]
-    if inst.get("vllm_max_model_len") is not None:
-        args += ["--max-model-len", str(inst.get("vllm_max_model_len"))]
-    if inst.get("vllm_max_num_seqs") is not None:
-        args += ["--max-num-seqs", str(inst.get("vllm_max_num_seqs"))]
+    if inst.get("vllm_quantization"):
+        args += ["--quantization", inst.get("vllm_quantization")]
+    if inst.get("vllm_kv_cache_dtype") != "auto":
+        args += ["--kv-cache-dtype", inst.get("vllm_kv_cache_dtype")]
     if host.accelerator == "nvidia":
         args += ["--gpu-memory-utilization", f"{inst.get('vllm_gpu_memory_utilization'):g}"]
     else:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from roles import settings
+from roles.capacity import TP_CHOICES, Deployment, Fit, ModelArch, plan_capacity
 from roles.errors import FleetConfigError
+from roles.gpus import GpuSpec, gpu_spec
 from roles.release import Lock, Release, load_release, lock_path, read_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Hugging Face config.json files of hub models, for planning without network (<org>--<name>/).
+MODEL_CONFIGS_DIR = REPO_ROOT / "inventories" / "model_configs"
+HF_CACHE = Path("~/.cache/huggingface/hub").expanduser()
 
 # The groups a fleet inventory defines: vLLM hosts, and the host(s) running the load balancer.
 VLLM_GROUP = "vllm"
@@ -63,6 +68,7 @@ class Instance:
     name: str
     port: int
     settings: Mapping[str, Any]  # effective per-instance settings, by full name
+    fit: Fit | None = None  # capacity plan: checked or derived tensor-parallel, lengths, KV cache
 
     def get(self, name: str) -> Any:
         return self.settings[name]
@@ -77,6 +83,7 @@ class HostPlan:
     lock: Lock
     model: Model
     instances: tuple[Instance, ...]
+    gpu: GpuSpec | None  # None on CPU hosts
     data: Mapping[str, Any] = field(repr=False)  # host-level settings, by full name
 
     def get(self, name: str) -> Any:
@@ -182,11 +189,11 @@ def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, .
     return tuple(instances)
 
 
-def _check_gpus(host_name: str, instances: Iterable[Instance]) -> None:
+def _check_gpus(host_name: str, instances: Iterable[Instance], host_gpus: int | None) -> None:
     owner: dict[int, str] = {}
     for inst in instances:
         gpus = inst.get("vllm_gpus") or []
-        tp = inst.get("vllm_tensor_parallel_size")
+        tp = inst.fit.tensor_parallel
         if gpus and len(gpus) != tp:
             raise FleetConfigError(f"host {host_name}: instance {inst.name}: gpus",
                                    f"{len(gpus)} GPUs listed for tensor-parallel size {tp}.",
@@ -197,6 +204,12 @@ def _check_gpus(host_name: str, instances: Iterable[Instance]) -> None:
                                        f"GPU {gpu} is already given to instance {owner[gpu]}.",
                                        "give each instance its own GPUs.")
             owner[gpu] = inst.name
+    wanted = sum(i.fit.tensor_parallel for i in instances)
+    if host_gpus is not None and wanted > host_gpus:
+        raise FleetConfigError(f"host {host_name}: vllm_instances",
+                               f"the instances need {wanted} GPUs together; the host has {host_gpus} "
+                               "(vllm_gpu_count).",
+                               "run fewer instances here, or lower their tensor-parallel size if the model fits.")
 
 
 def auto_gpus(instances: Iterable[Instance]) -> dict[str, list[int]]:
@@ -208,7 +221,7 @@ def auto_gpus(instances: Iterable[Instance]) -> dict[str, list[int]]:
             out[inst.name] = list(inst.get("vllm_gpus"))
             continue
         chosen = []
-        while len(chosen) < inst.get("vllm_tensor_parallel_size"):
+        while len(chosen) < inst.fit.tensor_parallel:
             if next_gpu not in taken:
                 chosen.append(next_gpu)
             next_gpu += 1
@@ -229,6 +242,53 @@ def split_cores(cpu_count: int, instance_count: int) -> list[str]:
     return blocks
 
 
+# ---- capacity --------------------------------------------------------------------------------------
+
+def model_arch(host_name: str, data: Mapping[str, Any], model: Model, base_dir: Path) -> ModelArch:
+    """The model's architecture, from files on the control node (planning never needs a host)."""
+    if model.local_path is not None:
+        return ModelArch.load(model.local_path, name=model.served_name)
+    candidates = []
+    if data.get("vllm_model_config"):
+        candidates.append((base_dir / data["vllm_model_config"]).resolve())
+    candidates.append(MODEL_CONFIGS_DIR / model.model_id.replace("/", "--"))
+    candidates.append(HF_CACHE / ("models--" + model.model_id.replace("/", "--")) / "snapshots" / model.revision)
+    for path in candidates:
+        if (path / "config.json").is_file() or path.name == "config.json" and path.is_file():
+            return ModelArch.load(path, name=model.model_id)
+    raise FleetConfigError(f"host {host_name}: vllm_model_config",
+                           f"no config.json for {model.model_id} on the control node "
+                           f"(looked in {', '.join(str(c) for c in candidates)}).",
+                           f"save the model's config.json as {candidates[-2]}/config.json, or set "
+                           "vllm_model_config to its path: capacity is planned before any host is touched.")
+
+
+def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Instance,
+                 host_gpus: int | None) -> Fit:
+    """Check the instance's settings against the model and hardware, deriving what is unset."""
+    def deployment(tp: int) -> Deployment:
+        return Deployment(gpu=gpu, gpus_per_instance=tp, weight_dtype=inst.get("vllm_dtype"),
+                          quantization=inst.get("vllm_quantization"), kv_cache_dtype=inst.get("vllm_kv_cache_dtype"),
+                          gpu_memory_utilization=inst.get("vllm_gpu_memory_utilization"),
+                          max_model_len=inst.get("vllm_max_model_len"), max_num_seqs=inst.get("vllm_max_num_seqs"),
+                          cpu_kv_cache_bytes=inst.get("vllm_kv_cache_bytes"))
+
+    where = f"host {host_name}: instance {inst.name}: "
+    tp = inst.get("vllm_tensor_parallel_size")
+    if tp is not None or gpu is None:
+        return plan_capacity(arch, deployment(tp or 1), host_gpus, where=where)
+    # Unset on a GPU host: the smallest size that fits. If none does, tensor-parallel 1's refusal
+    # carries the arithmetic and the ways out.
+    for size in TP_CHOICES:
+        if host_gpus is not None and size > host_gpus:
+            break
+        try:
+            return plan_capacity(arch, deployment(size), host_gpus, where=where)
+        except FleetConfigError:
+            continue
+    return plan_capacity(arch, deployment(1), host_gpus, where=where)
+
+
 # ---- the whole fleet ---------------------------------------------------------------------------------
 
 def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
@@ -246,11 +306,20 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
                                f"{release.accelerator!r}.",
                                f"pin a release for {accelerator} hosts, or fix vllm_accelerator.")
     lock = read_lock(lock_path(release, releases_dir))
-    instances = plan_instances(name, data)
-    _check_gpus(name, instances)
+    gpu = None
+    if accelerator == "nvidia":
+        if not data.get("vllm_gpu_type"):
+            raise FleetConfigError(f"host {name}: vllm_gpu_type", "an NVIDIA host needs its GPU model for planning.",
+                                   "set vllm_gpu_type, e.g. h100-sxm (`python -m roles.cli gpus` lists them).")
+        gpu = gpu_spec(data["vllm_gpu_type"], data.get("vllm_gpu_types"))
+    model = plan_model(name, data, base_dir)
+    arch = model_arch(name, data, model, base_dir)
+    host_gpus = data.get("vllm_gpu_count")
+    instances = tuple(replace(i, fit=instance_fit(name, arch, gpu, i, host_gpus)) for i in plan_instances(name, data))
+    _check_gpus(name, instances, host_gpus)
     address = data.get("vllm_advertise_address") or data.get("ssh_hostname") or name
     return HostPlan(name=name, address=address, accelerator=accelerator, release=release, lock=lock,
-                    model=plan_model(name, data, base_dir), instances=instances, data=dict(data))
+                    model=model, instances=instances, gpu=gpu, data=dict(data))
 
 
 def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterable[str],

@@ -145,13 +145,13 @@ def _tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _weights() -> dict[str, np.ndarray]:
+def _weights(config: dict = CONFIG) -> dict[str, np.ndarray]:
     """Hugging Face Llama tensor names and shapes, normal(0, 0.02) from SEED, RMSNorm weights at 1."""
-    hidden, inter, vocab = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
-    kv = CONFIG["num_key_value_heads"] * CONFIG["head_dim"]
-    q = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    q = config["num_attention_heads"] * config["head_dim"]
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for n in range(CONFIG["num_hidden_layers"]):
+    for n in range(config["num_hidden_layers"]):
         layer = f"model.layers.{n}"
         shapes |= {
             f"{layer}.self_attn.q_proj.weight": (q, hidden),
@@ -177,13 +177,17 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def build(dest: Path) -> Path:
-    """Write the model folder (config, weights, tokenizer, chat template) into ``dest``; return it."""
+def build(dest: Path, **overrides) -> Path:
+    """Write the model folder (config, weights, tokenizer, chat template) into ``dest``; return it.
+
+    ``overrides`` change the architecture (e.g. ``num_key_value_heads=2``) for tests that need
+    another shape; the tokenizer and vocabulary stay the same."""
+    config = {**CONFIG, **overrides}
     dest.mkdir(parents=True, exist_ok=True)
-    _write_json(dest / "config.json", CONFIG)
+    _write_json(dest / "config.json", config)
     _write_json(dest / "generation_config.json",
-                {key: CONFIG[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    save_file(_weights(), str(dest / "model.safetensors"), metadata={"format": "pt"})
+                {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    save_file(_weights(config), str(dest / "model.safetensors"), metadata={"format": "pt"})
     _tokenizer().save(str(dest / "tokenizer.json"))
     _write_json(dest / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -191,7 +195,7 @@ def build(dest: Path) -> Path:
         "eos_token": EOS,
         "unk_token": UNK,
         "pad_token": PAD,
-        "model_max_length": CONFIG["max_position_embeddings"],
+        "model_max_length": config["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     })

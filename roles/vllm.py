@@ -7,6 +7,7 @@ release or model is neither pushed nor reinstalled, and no instance is restarted
 
 from __future__ import annotations
 
+import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import engine, fleet, platform
+from roles.facts import NvidiaGpus
+from roles.gpu_health import host_gpu_mismatch
 from roles.fleet import HostPlan, Model
 from roles.release import Lock, build_wheelhouse, host_install_command
 
@@ -87,6 +90,13 @@ def placements(plan: HostPlan) -> dict[str, str]:
 @deploy("vLLM host")
 def vllm_host(plan: HostPlan):
     """Everything one vLLM host needs, up to its instances answering /health."""
+    if plan.accelerator == "nvidia":
+        problem = host_gpu_mismatch(plan.name, plan.gpu, plan.get("vllm_gpu_count"), host.get_fact(NvidiaGpus))
+        if problem:
+            # Fail this host before its first change; the rest of the fleet goes on.
+            server.shell(name="Check the host's GPUs against the plan",
+                         commands=[f"echo {shlex.quote(problem)} >&2; exit 1"])
+            return
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 

@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -7,12 +6,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+TINY_CONFIG = Path(__file__).parent / "fixtures" / "models" / "tiny-llama" / "config.json"
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    """A stand-in model directory: the plan only reads config.json and checksums the files."""
+    """A stand-in model directory: the tiny Llama's config.json (the plan reads its architecture)
+    and a weights file the plan only checksums."""
     d = tmp_path / "tiny"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (d / "config.json").write_text(TINY_CONFIG.read_text())
     (d / "model.safetensors").write_bytes(b"\0" * 64)
     return d
 

@@ -96,9 +96,10 @@ class SimulatedHost:
 
     APT_STAMP = "/var/lib/apt/periodic/update-success-stamp"
 
-    def __init__(self, distro: dict, nproc: int = 8, smoke_ok: bool = True):
+    def __init__(self, distro: dict, nproc: int = 8, smoke_ok: bool = True, nvidia_gpus: list | None = None):
         self.distro = distro
         self.nproc = nproc
+        self.nvidia_gpus = nvidia_gpus or []  # what nvidia-smi reports: [{name, memory_bytes}]
         self.smoke_ok = smoke_ok  # what the fleet probe reports when the smoke test asks
         self.files: dict[str, dict] = {}  # path -> {"sha1", "mode", "lines"}
         self.dirs: dict[str, str] = {d: "root" for d in ("/", "/etc", "/tmp", "/usr/local/lib", "/etc/systemd/system")}
@@ -138,7 +139,7 @@ class SimulatedHost:
             "Which": lambda command: f"/usr/sbin/{command}", "Date": datetime.now(), "Command": lambda command: self._command(command),
             "File": file, "Directory": directory, "Link": link, "FileContents": contents,
             "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
-            "Users": self.users, "Groups": [], "DebPackages": self.packages,
+            "Users": self.users, "Groups": [], "DebPackages": self.packages, "NvidiaGpus": self.nvidia_gpus,
             "SystemdStatus": lambda *a, **k: {u: True for u in self.running},
             "SystemdEnabled": lambda *a, **k: {u: True for u in self.enabled},
         }

@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 
+from conftest import TINY_CONFIG
 from fakehost import SimulatedHost, changed, debian, plan, ubuntu
 from roles import site
 from roles.errors import FleetConfigError
@@ -119,7 +120,8 @@ def test_failing_smoke_test_fails_the_deploy_with_the_report(host_data):
 
 def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
     revision = "0123456789abcdef0123456789abcdef01234567"
-    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision=revision)
+    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision=revision,
+                     vllm_model_config=str(TINY_CONFIG))
     fleet = plan_fleet([("h1", data)], ["h1"])
     sim = SimulatedHost(ubuntu(22, 4))
     first = deploy(fleet, "h1", data, sim)
@@ -134,7 +136,36 @@ def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
     assert changed(deploy(fleet, "h1", data, sim)) == []
 
 
+def test_hub_model_without_a_local_config_is_refused(host_data):
+    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b",
+                     vllm_model_revision="0123456789abcdef0123456789abcdef01234567")
+    with pytest.raises(FleetConfigError, match="no config.json for acme/chat-7b on the control node"):
+        plan_fleet([("h1", data)], ["h1"])
+
+
 def test_unpinned_hub_model_is_refused(host_data):
     data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision="main")
     with pytest.raises(FleetConfigError, match="vllm_model_revision.*not a commit hash"):
         plan_fleet([("h1", data)], ["h1"])
+
+
+def nvidia_data(host_data, releases, **overrides):
+    return host_data(vllm_releases_dir=str(releases), vllm_release="nvidia-vllm-0.32.0", vllm_accelerator="nvidia",
+                     vllm_gpu_type="h200", vllm_gpu_count=1, vllm_instances=[{"name": "a", "port": 8001}], **overrides)
+
+
+def test_nvidia_host_without_gpu_fails_before_any_change(host_data, nvidia_releases):
+    data = nvidia_data(host_data, nvidia_releases)
+    fleet = plan_fleet([("lab1", data)], ["lb"])
+    ops = deploy(fleet, "lab1", data, SimulatedHost(debian(12), nvidia_gpus=[]))
+    run = commands(ops)
+    assert len(run) == 1 and "no NVIDIA GPU found" in run[0] and run[0].endswith("exit 1")
+
+
+def test_nvidia_host_with_its_gpu_deploys(host_data, nvidia_releases):
+    data = nvidia_data(host_data, nvidia_releases)
+    fleet = plan_fleet([("g1", data)], ["lb"])
+    sim = SimulatedHost(ubuntu(22, 4), nvidia_gpus=[{"name": "NVIDIA H200", "memory_bytes": 143771 << 20}])
+    run = commands(deploy(fleet, "g1", data, sim))
+    assert any("CUDA_VISIBLE_DEVICES" in line for line in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"])
+    assert not any("exit 1" in c for c in run)

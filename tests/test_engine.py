@@ -2,6 +2,7 @@
 
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from jinja2 import Template
@@ -34,10 +35,12 @@ def test_cpu_flags_carry_every_setting(host_data):
     assert args[-2:] == ["--seed", "7"]
 
 
-def test_unset_optional_flags_are_left_to_vllm(host_data):
-    hp = host_plan(host_data)
-    args = engine.render_args(hp, hp.instances[0])
-    assert "--max-model-len" not in args and "--max-num-seqs" not in args and "--enforce-eager" not in args
+def test_unset_lengths_are_derived_from_the_capacity_plan_and_rendered(host_data):
+    # The tiny Llama allows 2,048 positions; a 256 MiB CPU cache at 1 KiB a token holds 262,144.
+    hp = host_plan(host_data, vllm_kv_cache_bytes=256 << 20)
+    args = " ".join(engine.render_args(hp, hp.instances[0]))
+    assert "--max-model-len 2048" in args and "--max-num-seqs 128" in args
+    assert "--tensor-parallel-size 1" in args and "--enforce-eager" not in args
 
 
 def test_instance_override_beats_host_value(host_data):
@@ -78,9 +81,9 @@ def test_split_cores(cpus, n, expected):
 
 
 def test_nvidia_instances_get_their_own_gpus():
-    insts = [Instance("a", 1, {"vllm_gpus": None, "vllm_tensor_parallel_size": 2}),
-             Instance("b", 2, {"vllm_gpus": [0], "vllm_tensor_parallel_size": 1}),
-             Instance("c", 3, {"vllm_gpus": None, "vllm_tensor_parallel_size": 1})]
+    insts = [Instance("a", 1, {"vllm_gpus": None}, fit=SimpleNamespace(tensor_parallel=2)),
+             Instance("b", 2, {"vllm_gpus": [0]}, fit=SimpleNamespace(tensor_parallel=1)),
+             Instance("c", 3, {"vllm_gpus": None}, fit=SimpleNamespace(tensor_parallel=1))]
     assert auto_gpus(insts) == {"a": [1, 2], "b": [0], "c": [3]}
 
 
@@ -106,7 +109,7 @@ def test_settings_table_documents_every_setting():
 
 def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_releases):
     hp = host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
-                   vllm_accelerator="nvidia", vllm_gpu_memory_utilization=0.92,
+                   vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm", vllm_gpu_memory_utilization=0.92,
                    vllm_instances=[{"name": "a", "port": 8001, "tensor_parallel_size": 2},
                                    {"name": "b", "port": 8002}])
     gpus = auto_gpus(hp.instances)
@@ -120,5 +123,6 @@ def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_release
 def test_two_instances_claiming_one_gpu_are_refused(host_data, nvidia_releases):
     with pytest.raises(FleetConfigError, match="GPU 0 is already given to instance a"):
         host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
-                  vllm_accelerator="nvidia", vllm_instances=[{"name": "a", "port": 8001, "gpus": [0]},
+                  vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm",
+                  vllm_instances=[{"name": "a", "port": 8001, "gpus": [0]},
                                                              {"name": "b", "port": 8002, "gpus": [0]}])

@@ -1,0 +1,38 @@
+"""An example production fleet: `python -m roles.cli plan inventories/prod.py` shows its
+capacity plan; `pyinfra inventories/prod.py deploys/vllm.py` deploys it.
+
+Two 2-GPU H100 servers serving Llama 3.3 70B behind one nginx host:
+- gpu-01 runs two instances, one GPU each, with the weights quantized to fp8 on the fly
+  (70B in bf16 is 141 GB: it does not fit one 80 GB GPU, whatever field reports say);
+- gpu-02 runs one bf16 instance; its tensor-parallel size is left to the planner (2).
+Planning reads the model's config.json from inventories/model_configs/.
+"""
+
+_FLEET = {
+    "vllm_release": "nvidia-vllm-0.32.0",
+    "vllm_accelerator": "nvidia",
+    "vllm_gpu_type": "h100-sxm",
+    "vllm_gpu_count": 2,
+    "vllm_model_id": "meta-llama/Llama-3.3-70B-Instruct",
+    # Replace with the repository commit you evaluated: a deploy never follows a branch.
+    "vllm_model_revision": "0000000000000000000000000000000000000000",
+    "vllm_served_model_name": "llama-3.3-70b",
+    "vllm_max_model_len": 8192,
+    "vllm_gpu_memory_utilization": 0.92,
+    # Cost arithmetic for the plan: rented GPUs, the article's measured 32-stream throughput.
+    "vllm_gpu_hour_price": 2.50,
+    "vllm_tokens_per_s": 6400.0,
+    "vllm_api_price_per_million": 0.40,
+    "vllm_daily_tokens": 500_000_000,
+    "ssh_user": "deploy",
+    "_sudo": True,
+}
+
+vllm = [
+    ("gpu-01.internal", {**_FLEET, "vllm_quantization": "fp8", "vllm_instances": [
+        {"name": "a", "port": 8001, "gpus": [0]},
+        {"name": "b", "port": 8002, "gpus": [1]},
+    ]}),
+    ("gpu-02.internal", {**_FLEET, "vllm_instances": [{"name": "a", "port": 8001}]}),
+]
+lb = [("lb-01.internal", {"ssh_user": "deploy", "_sudo": True})]
