@@ -36,7 +36,7 @@ test: setup $(MODEL)/config.json
 	$(PY) -m pytest -q -m "not lab"
 	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
 	$(PY) -m roles.release wheelhouse $(RELEASE)
-	$(PY) -m pytest -v -s -m lab
+	$(PY) -m pytest -v -s -m lab tests/test_lab.py tests/test_lab_e2e.py tests/test_lab_capacity.py
 
 lab-down: setup
 	$(PY) -m roles.lab down

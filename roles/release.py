@@ -274,6 +274,28 @@ def _python_for(release: Release, releases_dir: Path) -> str:
                            f" `python{release.python} -m roles.release ...`.")
 
 
+# Local version labels of builds for one accelerator only ("2.13.0+cpu", "2.13.0+cu130").
+_ACCELERATOR_LABEL_RE = re.compile(r"\+(cpu|cu\d+|rocm[\d.]+)$")
+
+
+def _check_build_matches_accelerator(release: Release, name: str, version: str, url: str) -> None:
+    """Refuse a build for another accelerator: an ``==2.13.0`` pin also matches ``2.13.0+cpu``, and
+    pip prefers the local build when a wheel folder offers one, so a GPU release can silently
+    lock CPU torch (and the reverse)."""
+    label = _ACCELERATOR_LABEL_RE.search(version)
+    if label is None:
+        return
+    wrong = (label.group(1) == "cpu") != (release.accelerator == "cpu")
+    if wrong:
+        raise FleetConfigError(f"packages in the release {release.name}",
+                               f"{name} resolved to {version} ({url}), a build for "
+                               f"{'CPUs' if label.group(1) == 'cpu' else label.group(1)}, but the release is for "
+                               f"{release.accelerator} hosts.",
+                               "resolve from an index that serves the right build (the manifest's index settings), "
+                               "or without the wheel folder that offers this one (PIP_FIND_LINKS, find-links in "
+                               "pip's configuration).")
+
+
 def lock_text(release: Release, manifest_sha256: str, report: dict[str, Any]) -> str:
     """The lock file for a ``pip install --report`` resolution, excluded packages dropped."""
     excluded = {canonicalize_name(pkg) for pkg in release.exclude}
@@ -289,6 +311,7 @@ def lock_text(release: Release, manifest_sha256: str, report: dict[str, Any]) ->
                                    f"{name} resolved to {info['url']}, which is not a wheel with a sha256.",
                                    f"pin a version of {name} that has a wheel for Python {release.python},"
                                    f" or exclude it.")
+        _check_build_matches_accelerator(release, name, item["metadata"]["version"], info["url"])
         lines[name] = f"{name}=={item['metadata']['version']} --hash=sha256:{sha256}"
     environment = report["environment"]
     header = [

@@ -221,3 +221,19 @@ def test_host_install_command_is_offline_and_marks_completion_last(tmp_path):
     assert "-r /var/cache/wheels/test-release.lock" in command
     assert command.startswith("python3 -m venv --clear '/opt/vllm fleet/venv' && ")
     assert command.endswith(f"printf '%s\\n' {lock.digest} > '/opt/vllm fleet/venv'/.lock-digest")
+
+
+def test_lock_refuses_a_torch_build_for_another_accelerator():
+    # `torch==2.13.0` also matches 2.13.0+cpu, which pip prefers when a wheel folder offers it.
+    nvidia = load_release("nvidia-vllm-0.32.0", RELEASES)
+    report = copy.deepcopy(REPORT)
+    report["install"][0] = _item("vllm", "0.32.0", "a" * 64)
+    with pytest.raises(FleetConfigError) as err:
+        lock_text(nvidia, "0" * 64, report)
+    assert "torch resolved to 2.13.0+cpu" in str(err.value) and "PIP_FIND_LINKS" in str(err.value)
+    cuda = copy.deepcopy(report)
+    cuda["install"][1] = _item("torch", "2.13.0+cu130", "b" * 64)
+    with pytest.raises(FleetConfigError, match=r"a build for cu130, but the release is for cpu hosts"):
+        lock_text(load_release(CPU, RELEASES), "0" * 64, cuda)
+    cuda["install"][1] = _item("torch", "2.13.0", "b" * 64)
+    assert "torch==2.13.0 --hash" in lock_text(nvidia, "0" * 64, cuda)
