@@ -137,3 +137,16 @@ def vllm_host(plan: HostPlan):
                      commands=[f"python3 {PROBE_PATH} wait --unit {unit_name} --port {inst.port} "
                                f"--timeout {plan.get('vllm_start_timeout')}"],
                      _if=any_changed(started, restarted))
+
+
+@deploy("Retire removed vLLM instances")
+def retire_removed_instances(plan: HostPlan) -> None:
+    """Stop, disable and forget instances the inventory no longer lists (they would hold memory
+    and cores while the load balancer no longer sends them anything). Runs after the load
+    balancer has been reconfigured without them, so no request is sent to a stopping instance."""
+    kept = {inst.name for inst in plan.instances}
+    env_files = host.get_fact(FindFiles, path=ENV_DIR, fname="*.env", maxdepth=1) or []
+    for name in sorted(Path(f).stem for f in env_files if Path(f).stem not in kept):
+        systemd.service(name=f"Stop vllm@{name} (no longer in the inventory)", service=f"vllm@{name}",
+                        running=False, enabled=False)
+        files.file(name=f"Remove the environment of vllm@{name}", path=f"{ENV_DIR}/{name}.env", present=False)

@@ -9,6 +9,7 @@ execution-time ``_if=`` conditions, every command taken as successful.
 from __future__ import annotations
 
 import hashlib
+from fnmatch import fnmatch
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class SimulatedHost:
             "Which": lambda command: f"/usr/sbin/{command}", "Date": datetime.now(), "Command": lambda command: self._command(command),
             "File": file, "Directory": directory, "Link": link, "FileContents": contents,
             "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
+            "FindFiles": lambda path, fname="*", maxdepth=None: sorted(
+                f for f in self.files if f.startswith(path.rstrip("/") + "/") and fnmatch(Path(f).name, fname)),
             "Users": self.users, "Groups": [], "DebPackages": self.packages, "NvidiaGpus": self.nvidia_gpus,
             "SystemdStatus": lambda *a, **k: {u: True for u in self.running},
             "SystemdEnabled": lambda *a, **k: {u: True for u in self.enabled},
@@ -185,6 +188,8 @@ class SimulatedHost:
             self.links[args[-1]] = args[-2]
         elif cmd == "rm" and args[-1] in self.links:
             del self.links[args[-1]]
+        elif cmd == "rm" and args[-1] in self.files:
+            del self.files[args[-1]]
         elif cmd == "useradd":
             opts = dict(zip(args[::2], args[1::2]))
             self.users[args[-1]] = self._user(opts.get("-d"), opts.get("-s"), args[-1])
@@ -207,6 +212,10 @@ class SimulatedHost:
                 self.running.add(unit)
             elif action == "enable":
                 self.enabled.add(unit)
+            elif action == "stop":
+                self.running.discard(unit)
+            elif action == "disable":
+                self.enabled.discard(unit)
 
 
 def _io_bytes(stream) -> bytes:

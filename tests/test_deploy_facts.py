@@ -183,3 +183,21 @@ def test_nvidia_host_with_its_gpu_deploys(host_data, nvidia_releases):
     run = commands(deploy(fleet, "g1", data, sim))
     assert any("CUDA_VISIBLE_DEVICES" in line for line in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"])
     assert not any("exit 1" in c for c in run)
+
+
+def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data):
+    data = host_data()
+    sim = SimulatedHost(debian(12))
+    deploy(plan_fleet([("h1", data)], ["h1"]), "h1", data, sim)
+    assert "vllm@b.service" in sim.running
+
+    fewer = host_data(vllm_instances=[{"name": "a", "port": 8001}])
+    ops = changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim))
+    # a's cores change (it now has the whole host), and b stops only after nginx has dropped it.
+    assert [op.name.split(" | ")[-1] for op in ops] == [
+        "Environment of vllm@a", "Restart vllm@a on its new configuration", "Wait for vllm@a /health (up to 900s)",
+        "Render the fleet upstream", "Check the nginx configuration", "Reload nginx on its new configuration",
+        "Stop vllm@b (no longer in the inventory)", "Remove the environment of vllm@b"]
+    assert "vllm@b.service" not in sim.running and "vllm@b.service" not in sim.enabled
+    assert "/etc/vllm-fleet/instances/b.env" not in sim.files
+    assert changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim)) == []
