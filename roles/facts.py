@@ -4,26 +4,47 @@ from __future__ import annotations
 
 from pyinfra.api import FactBase
 
-MIB = 1 << 20
 
-
-def parse_nvidia_smi(lines: list[str]) -> list[dict]:
-    """`nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits` lines, parsed."""
-    gpus = []
-    for line in lines:
-        name, _, memory = line.rpartition(",")
-        if name and memory.strip().isdigit():
-            gpus.append({"name": name.strip(), "memory_bytes": int(memory) * MIB})
-    return gpus
-
-
-class NvidiaGpus(FactBase):
-    """The host's NVIDIA GPUs as the driver reports them: [{name, memory_bytes}], [] when none."""
+class PciNvidia(FactBase):
+    """NVIDIA devices on the PCI bus, read from sysfs (works with no driver and no pciutils):
+    {"gpus": N, "nvswitches": M}."""
 
     def command(self) -> str:
-        # No nvidia-smi (no driver) and a driver that finds no GPU both read as no GPU.
-        return ("command -v nvidia-smi >/dev/null 2>&1 && "
-                "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null || true")
+        return ("for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/vendor 2>/dev/null)\" = 0x10de ] && "
+                "cat $d/class; done; true")
 
-    def process(self, output: list[str]) -> list[dict]:
-        return parse_nvidia_smi(output)
+    def process(self, output: list[str]) -> dict:
+        classes = [line.strip() for line in output]
+        # 0x0300xx VGA, 0x0302xx 3D controller (data-centre GPUs); NVSwitches are 0x0680xx bridges.
+        return {"gpus": sum(c.startswith(("0x0300", "0x0302")) for c in classes),
+                "nvswitches": sum(c.startswith("0x0680") for c in classes)}
+
+
+class NvidiaModuleVersion(FactBase):
+    """Version of the loaded nvidia kernel module, or None when none is loaded."""
+
+    def command(self) -> str:
+        return "cat /sys/module/nvidia/version 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output and output[0].strip() else None
+
+
+class SecureBoot(FactBase):
+    """Whether UEFI Secure Boot is on (False on legacy boot or when it cannot be told)."""
+
+    def command(self) -> str:
+        return "mokutil --sb-state 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any("SecureBoot enabled" in line for line in output)
+
+
+class AptHolds(FactBase):
+    """Packages held with apt-mark."""
+
+    def command(self) -> str:
+        return "apt-mark showhold 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if line.strip()]

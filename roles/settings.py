@@ -1,7 +1,7 @@
 """Every user-facing setting of vllm-fleet, declared once: name, type, default, one line of doc.
 
 Settings live in pyinfra host or group data. Each is prefixed by the role that reads it
-(``vllm_``, ``nginx_``). Settings marked ``per_instance`` may also be given, without the
+(``vllm_``, ``nginx_``, ``nvidia_``). Settings marked ``per_instance`` may also be given, without the
 prefix, inside one entry of ``vllm_instances`` to override the host's value for that
 instance. ``python -m roles.cli settings`` prints this table.
 
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from roles.errors import FleetConfigError
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
-ROLE_PREFIXES = ("vllm_", "nginx_")
+ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Generation throughput of one instance, measured or assumed, for the cost per million tokens."),
     Setting("vllm_api_price_per_million", float, None, "The API price per million tokens you compare against."),
     Setting("vllm_daily_tokens", int, None, "Tokens a day the fleet is expected to generate."),
+    # --- NVIDIA hosts (roles/nvidia.py) ---------------------------------------------------------------
+    Setting("nvidia_repo_url", str, None,
+            "NVIDIA's CUDA apt repository or your mirror of it (the folder holding ubuntu2204/, debian12/); "
+            "required on NVIDIA hosts."),
+    Setting("nvidia_repo_key", str, "3bf863cc.pub", "File name of the repository's signing key, beside its packages."),
+    Setting("nvidia_repo_key_fingerprint", str, "EB693B3035CD5710E231E123A4B469963BF863CC",
+            "Fingerprint the downloaded signing key must have; a different key stops the host."),
+    Setting("nvidia_allow_reboot", bool, False,
+            "Reboot a host whose loaded driver module is not the pinned one; otherwise stop and say so."),
+    Setting("nvidia_burnin", bool, False,
+            "Run the GPU burn-in on every deploy (it always runs on a host's first onboarding)."),
     # --- load balancer -----------------------------------------------------------------------------
     Setting("nginx_listen_port", int, 80, "Port the load balancer listens on."),
     Setting("nginx_read_timeout", int, 900,

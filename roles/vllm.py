@@ -7,7 +7,6 @@ release or model is neither pushed nor reinstalled, and no instance is restarted
 
 from __future__ import annotations
 
-import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import engine, fleet, platform
-from roles.facts import NvidiaGpus
-from roles.gpu_health import host_gpu_mismatch
 from roles.fleet import HostPlan, Model
 from roles.release import Lock, build_wheelhouse, host_install_command
 
@@ -87,16 +84,10 @@ def placements(plan: HostPlan) -> dict[str, str]:
     return {inst.name: inst.get("vllm_cpu_cores") or auto for inst, auto in zip(plan.instances, cores)}
 
 
-@deploy("vLLM host")
-def vllm_host(plan: HostPlan):
-    """Everything one vLLM host needs, up to its instances answering /health."""
-    if plan.accelerator == "nvidia":
-        problem = host_gpu_mismatch(plan.name, plan.gpu, plan.get("vllm_gpu_count"), host.get_fact(NvidiaGpus))
-        if problem:
-            # Fail this host before its first change; the rest of the fleet goes on.
-            server.shell(name="Check the host's GPUs against the plan",
-                         commands=[f"echo {shlex.quote(problem)} >&2; exit 1"])
-            return
+@deploy("Release")
+def release(plan: HostPlan):
+    """Host packages, the service user and the release venv behind the `current` link. Returns the
+    venv and link operations: a change in either restarts the instances."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
@@ -108,10 +99,18 @@ def vllm_host(plan: HostPlan):
         files.directory(name=f"Directory {path}", path=path, mode="755")
 
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
-                        lock=plan.lock, venv_dir=plan.venv_dir,
-                        python=plat.python)
+                        lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
     current = files.link(name="Point the current release link at it", path=f"{install_dir}/current",
                          target=plan.venv_dir)
+    return venv, current
+
+
+@deploy("vLLM host")
+def vllm_host(plan: HostPlan, installed):
+    """The model, the units and the instances, up to each answering /health. ``installed`` is what
+    ``release`` returned."""
+    venv, current = installed
+    user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     model = staged_model(name=f"Model {plan.model.served_name}", model=plan.model, dest=plan.model_dir,
                          venv_dir=plan.venv_dir, user=user, hf_home=f"{data_dir}/hf")
     files.put(name="Install the health/smoke probe", src=str(PROBE), dest=PROBE_PATH, mode="755",

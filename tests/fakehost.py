@@ -97,10 +97,10 @@ class SimulatedHost:
 
     APT_STAMP = "/var/lib/apt/periodic/update-success-stamp"
 
-    def __init__(self, distro: dict, nproc: int = 8, smoke_ok: bool = True, nvidia_gpus: list | None = None):
+    def __init__(self, distro: dict, nproc: int = 8, smoke_ok: bool = True, gpu: "GpuState | None" = None):
         self.distro = distro
         self.nproc = nproc
-        self.nvidia_gpus = nvidia_gpus or []  # what nvidia-smi reports: [{name, memory_bytes}]
+        self.gpu = gpu or GpuState(pci_gpus=0)
         self.smoke_ok = smoke_ok  # what the fleet probe reports when the smoke test asks
         self.files: dict[str, dict] = {}  # path -> {"sha1", "mode", "lines"}
         self.dirs: dict[str, str] = {d: "root" for d in ("/", "/etc", "/tmp", "/usr/local/lib", "/etc/systemd/system")}
@@ -142,14 +142,29 @@ class SimulatedHost:
             "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
             "FindFiles": lambda path, fname="*", maxdepth=None: sorted(
                 f for f in self.files if f.startswith(path.rstrip("/") + "/") and fnmatch(Path(f).name, fname)),
-            "Users": self.users, "Groups": [], "DebPackages": self.packages, "NvidiaGpus": self.nvidia_gpus,
+            "Users": self.users, "Groups": [], "DebPackages": self.packages,
+            "PciNvidia": {"gpus": self.gpu.pci_gpus, "nvswitches": self.gpu.nvswitches},
+            "NvidiaModuleVersion": lambda: self.gpu.loaded, "SecureBoot": self.gpu.secure_boot,
+            "AptHolds": lambda: sorted(self.gpu.holds), "KernelVersion": "6.8.0-45-generic",
             "SystemdStatus": lambda *a, **k: {u: True for u in self.running},
             "SystemdEnabled": lambda *a, **k: {u: True for u in self.enabled},
         }
 
+    def _pinned_driver(self) -> str | None:
+        """The version the apt pin file holds the driver to (what apt would install)."""
+        pin = self.files.get("/etc/apt/preferences.d/nvidia-driver")
+        line = next((l for l in (pin or {}).get("lines", []) if l.startswith("Pin: version ")), None)
+        return line.split()[2].rstrip("-*") if line else None
+
     def _command(self, command: str) -> str:
         if command == "nproc":
             return str(self.nproc)
+        if command.startswith("test -d /sys/module/nouveau"):
+            return "yes" if self.gpu.nouveau_loaded else "no"
+        if "gpu_probe.py readings" in command:
+            return json.dumps(self.gpu.readings)
+        if "gpu_probe.py burnin" in command:
+            return json.dumps(self.gpu.burnin)
         if "fleet_probe.py smoke" in command:
             return json.dumps({"ok": self.smoke_ok, "results": [{"check": "x", "ok": self.smoke_ok}]})
         raise AssertionError(f"unexpected Command fact: {command}")
@@ -202,10 +217,18 @@ class SimulatedHost:
             for name in args[args.index("install") + 1:]:
                 if not name.startswith("-") and "=" not in name and name != "-o":
                     self.packages[name] = ["1.0"]
+                    if name.startswith(("nvidia-headless-", "nvidia-driver-cuda")):
+                        self.gpu.installed = self._pinned_driver()
                     if name == "nginx":  # Debian's and Ubuntu's package: default site, enabled and started
                         self.links["/etc/nginx/sites-enabled/default"] = "/etc/nginx/sites-available/default"
                         self.running.add("nginx.service")
                         self.enabled.add("nginx.service")
+        elif cmd == "mv":
+            self.files[args[-1]] = self.files.pop(args[-2], {"sha1": "", "mode": 644, "lines": []})
+        elif cmd == "apt-mark" and args[0] == "hold":
+            self.gpu.holds.update(args[1:])
+        elif cmd == "reboot" or cmd == "modprobe" and args == ["nvidia"]:
+            self.gpu.loaded, self.gpu.nouveau_loaded = self.gpu.installed, False
         elif cmd == "systemctl" and len(args) == 2:
             action, unit = args
             if action in ("start", "restart", "reload"):
@@ -216,6 +239,21 @@ class SimulatedHost:
                 self.running.discard(unit)
             elif action == "disable":
                 self.enabled.discard(unit)
+
+
+@dataclass
+class GpuState:
+    """The NVIDIA side of a simulated host: hardware, firmware, what the kernel has loaded."""
+
+    pci_gpus: int
+    nvswitches: int = 0
+    secure_boot: bool = False
+    loaded: str | None = None  # version of the loaded nvidia module
+    nouveau_loaded: bool = True  # a fresh install: the in-tree driver has the GPUs
+    installed: str | None = None  # driver version the packages put on disk
+    holds: set = field(default_factory=set)
+    readings: dict = field(default_factory=dict)  # what gpu_probe.py readings prints
+    burnin: dict = field(default_factory=dict)
 
 
 def _io_bytes(stream) -> bytes:

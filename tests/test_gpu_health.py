@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.facts import parse_nvidia_smi
-from roles.gpu_health import GpuExpectation, burnin_checks, health_checks, host_gpu_mismatch, table
-from roles.gpus import GPUS
+from roles.gpu_health import GpuExpectation, burnin_checks, health_checks, table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 H200 = GpuExpectation(count=1, model="H200", memory_bytes=143771 * 2**20)
@@ -75,25 +73,3 @@ def test_recorded_burnin_passes_and_a_slow_gpu_fails():
         assert result["seconds"] < 60
     slow = dict(result, matmul_bf16_tflops=600.0)
     assert failing(burnin_checks(slow)) == {"burn-in matmul_bf16_tflops"}
-
-
-# ---- the host's GPUs against the plan (before any change on an NVIDIA host) ------------------------
-
-def test_nvidia_smi_line_matches_nvml_reading(readings):
-    # The two recordings of the H200 agree: nvidia-smi's MiB figure is NVML's byte count.
-    csv = (FIXTURES / "h200-nvidia-smi.csv").read_text().splitlines()[1]
-    name, memory = [c.strip() for c in csv.split(",")[:2]]
-    [gpu] = parse_nvidia_smi([f"{name}, {memory.split()[0]}"])
-    assert gpu == {"name": "NVIDIA H200", "memory_bytes": readings["gpus"][0]["memory_total_bytes"]}
-
-
-def test_plan_memory_checked_against_the_host():
-    found = parse_nvidia_smi(["NVIDIA H200, 143771"])
-    assert host_gpu_mismatch("g1", GPUS["h200"], 1, found) is None
-    message = host_gpu_mismatch("g1", GPUS["h100-sxm"], 1, found)
-    assert "vllm_gpu_type: GPU 0 is a NVIDIA H200 with 140.4 GiB" in message and "79.6 GiB" in message
-    assert "vllm_gpu_count: the host has 1 GPUs, the inventory says 8" in host_gpu_mismatch("g1", GPUS["h200"], 8, found)
-
-
-def test_host_without_gpu_is_named():
-    assert "no NVIDIA GPU found" in host_gpu_mismatch("lab1", GPUS["h200"], None, [])

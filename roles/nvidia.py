@@ -1,0 +1,231 @@
+"""The NVIDIA role: driver from NVIDIA's CUDA apt repository, pinned and held, then proof of health.
+
+Order on a host: refuse what cannot work before any change (no NVIDIA GPU on the PCI bus,
+Secure Boot without a module signing key), install the pinned driver, reboot only when the
+loaded module is not the pinned one (and only if the inventory allows it), then the NVML
+health checks and, on first onboarding or on request, the burn-in. A failing check stops
+that host with its table; the rest of the fleet goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from io import StringIO
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host, state
+from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Command, KernelVersion, LinuxDistribution
+from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from roles import settings
+from roles.errors import FleetConfigError
+from roles.facts import AptHolds, NvidiaModuleVersion, PciNvidia, SecureBoot
+from roles.fleet import HostPlan
+from roles.gates import stop_host
+from roles.gpu_health import GpuExpectation, burnin_checks, health_checks, table
+from roles.release import Driver
+
+GPU_PROBE = Path(__file__).resolve().parent / "files" / "gpu_probe.py"
+GPU_PROBE_PATH = "/usr/local/lib/vllm-fleet/gpu_probe.py"
+KEYRING = "/usr/share/keyrings/nvidia-cuda-archive.gpg"
+SOURCES = "/etc/apt/sources.list.d/nvidia-cuda.sources"
+PIN_FILE = "/etc/apt/preferences.d/nvidia-driver"
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
+# Health records per host; the burn-in record also marks a host as onboarded.
+RECORD_DIR = "/var/lib/vllm-fleet/gpu"
+APT_ARGS = "-o DPkg::Lock::Timeout=300"
+# Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
+DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
+
+
+# ---- what differs between distributions: all of it here ----------------------------------------
+
+@dataclass(frozen=True)
+class DriverPlatform:
+    repo_path: str  # folder of the CUDA repository for this distribution
+    packages: tuple[str, ...]
+    fabric_manager: str
+
+
+def driver_platform(host_name: str, distro: dict, driver: Driver) -> DriverPlatform:
+    """Package names of NVIDIA's CUDA repository per distribution, for one driver branch."""
+    b, open_ = driver.branch, driver.kernel_modules == "open"
+    name, major, minor = distro.get("name"), distro.get("major"), distro.get("minor")
+    if name == "Ubuntu" and (major, minor) in ((22, 4), (24, 4)):
+        flavour = "-open" if open_ else ""
+        # Server (headless) packages: no X, no desktop; DKMS builds the module for each kernel.
+        return DriverPlatform(repo_path=f"ubuntu{major}{int(minor):02d}",
+                              packages=(f"nvidia-headless-{b}{flavour}", f"nvidia-utils-{b}",
+                                        f"nvidia-dkms-{b}{flavour}"),
+                              fabric_manager=f"nvidia-fabricmanager-{b}")
+    if name == "Debian" and major == 12:
+        return DriverPlatform(repo_path="debian12",
+                              packages=("nvidia-driver-cuda", "nvidia-persistenced",
+                                        "nvidia-kernel-open-dkms" if open_ else "nvidia-kernel-dkms"),
+                              fabric_manager="nvidia-fabricmanager")
+    raise FleetConfigError(f"host {host_name}", f"runs {name} {major}.{minor}: the NVIDIA role supports "
+                                                "Ubuntu 22.04, Ubuntu 24.04 and Debian 12.",
+                           "use one of those for GPU hosts.")
+
+
+def sources_file(repo_url: str, repo_path: str) -> str:
+    """deb822 source of NVIDIA's flat CUDA repository, trusted only with its own keyring."""
+    return (f"Types: deb\nURIs: {repo_url.rstrip('/')}/{repo_path}/x86_64/\nSuites: /\n"
+            f"Signed-By: {KEYRING}\n")
+
+
+def pin_file(driver: Driver) -> str:
+    """Pin every NVIDIA driver package to the release's exact version (any packaging suffix)."""
+    return ("# Managed by vllm-fleet: the driver of the pinned release, nothing newer or older.\n"
+            "Package: nvidia-* libnvidia-* libxnvctrl*\n"
+            f"Pin: version {driver.version}-*\nPin-Priority: 1001\n")
+
+
+def reboot_reason(loaded: str | None, driver: Driver, nouveau_loaded: bool) -> str | None:
+    """Why the new driver needs a reboot to take effect, or None."""
+    if loaded == driver.version:
+        return None
+    if loaded is not None:
+        return f"the running kernel has nvidia {loaded} loaded; {driver.version} takes effect after a reboot"
+    if nouveau_loaded:
+        return "nouveau holds the GPUs; the blacklist takes effect after a reboot"
+    return None  # nothing loaded: modprobe loads the new module without a reboot
+
+
+# ---- facts at execute time ------------------------------------------------------------------------
+
+def _loaded_module() -> str | None:
+    return host.get_fact(NvidiaModuleVersion)
+
+
+def _nouveau_loaded() -> bool:
+    return host.get_fact(Command, command="test -d /sys/module/nouveau && echo yes || echo no") == "yes"
+
+
+@operation()
+def driver_loaded(driver: Driver, allow_reboot: bool):
+    """Make the pinned module the loaded one: modprobe when nothing is loaded, else a reboot if
+    the inventory allows it, else stop with the reason."""
+    if not state.is_executing:
+        return
+    reason = reboot_reason(_loaded_module(), driver, _nouveau_loaded())
+    if reason is None:
+        if _loaded_module() != driver.version:
+            yield StringCommand("modprobe nvidia && nvidia-smi -L")
+        else:
+            host.noop(f"nvidia {driver.version} is loaded")
+        return
+    if not allow_reboot:
+        message = (f"{reason}. Fix: reboot the host in a maintenance window and re-run, or set "
+                   "nvidia_allow_reboot = True to let the deploy reboot it.")
+        yield StringCommand(f"echo {shlex.quote(message)} >&2; exit 1")
+        return
+    yield from server.reboot._inner(delay=5, interval=5, reboot_timeout=900)
+
+
+@operation()
+def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: str):
+    """NVML health checks (and the burn-in when asked or never done): pass quietly, or stop the host
+    with the table. The readings are kept on the host as JSON records."""
+    if not state.is_executing:
+        return
+    readings = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} readings"))
+    checks = health_checks(readings, expect)
+    record = f"{record_dir}/burnin.json"
+    if all(c.ok for c in checks) and (burnin or host.get_fact(FileContents, path=record) is None):
+        result = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} burnin"))
+        checks += burnin_checks(result)
+        yield StringCommand(f"mkdir -p {record_dir} && echo {shlex.quote(json.dumps(result))} > {record}")
+    report = table(host.name, checks)
+    if not all(c.ok for c in checks):
+        yield StringCommand(f"echo {shlex.quote(report)} >&2; exit 1")
+        return
+    host.log(report)
+
+
+# ---- the role ---------------------------------------------------------------------------------------
+
+@deploy("NVIDIA driver")
+def driver(plan: HostPlan):
+    """Refuse what cannot work, then install the pinned driver and get it loaded."""
+    drv = plan.release.driver
+    pci = host.get_fact(PciNvidia)
+    expected = settings.value(plan.data, "vllm_gpu_count")
+    if not pci["gpus"]:
+        stop_host(f"host {plan.name}: no NVIDIA GPU found on the PCI bus, but the inventory declares "
+                  "vllm_accelerator = nvidia. Fix: declare the host vllm_accelerator = cpu with a CPU release, "
+                  "or check the hardware.")
+        return False
+    if expected is not None and pci["gpus"] != expected:
+        stop_host(f"host {plan.name}: vllm_gpu_count: {pci['gpus']} NVIDIA GPUs on the PCI bus, the inventory "
+                  f"says {expected}. Fix: correct vllm_gpu_count, or check for a GPU that fell off the bus.")
+        return False
+    if host.get_fact(SecureBoot) and host.get_fact(FileContents, path=DKMS_SIGNING_KEY) is None \
+            and _loaded_module() != drv.version:
+        stop_host(f"host {plan.name}: Secure Boot is on and no DKMS signing key exists ({DKMS_SIGNING_KEY}), so "
+                  "the kernel would refuse an unsigned nvidia module. Fix: create and enroll one (on Ubuntu: "
+                  "`update-secureboot-policy --new-key`, then `mokutil --import "
+                  f"{DKMS_SIGNING_KEY}`, reboot and confirm in the MOK manager), or turn Secure Boot off; then "
+                  "re-run.")
+        return False
+
+    repo_url = settings.value(plan.data, "nvidia_repo_url")
+    if not repo_url:
+        raise FleetConfigError(f"host {plan.name}: nvidia_repo_url", "is not set.",
+                               "set it to NVIDIA's CUDA apt repository (or your mirror of it): the folder "
+                               "holding ubuntu2204/, ubuntu2404/ and debian12/.")
+    plat = driver_platform(plan.name, host.get_fact(LinuxDistribution), drv)
+    kernel = host.get_fact(KernelVersion)
+    # NVSwitch systems: the fabric manager must be exactly the driver's version (CUDA error 802
+    # otherwise); the pin covers it like every nvidia-* package.
+    packages = [*plat.packages, *([plat.fabric_manager] if pci["nvswitches"] else [])]
+
+    key = files.download(name="NVIDIA repository signing key", src=f"{repo_url.rstrip('/')}/{plat.repo_path}"
+                         f"/x86_64/{settings.value(plan.data, 'nvidia_repo_key')}", dest=f"{KEYRING}.asc")
+    fingerprint = settings.value(plan.data, "nvidia_repo_key_fingerprint")
+    server.shell(name="Check the key's fingerprint, then install it as the repository's keyring",
+                 commands=[f"gpg --show-keys --with-colons {KEYRING}.asc | grep -q '^fpr:*{fingerprint}:' "
+                           f"|| {{ echo 'the downloaded key is not {fingerprint}' >&2; exit 1; }}",
+                           f"gpg --dearmor --yes -o {KEYRING} {KEYRING}.asc"],
+                 _if=key.did_change)
+    source = files.put(name="NVIDIA CUDA repository (deb822)", src=_text(sources_file(repo_url, plat.repo_path)),
+                       dest=SOURCES)
+    pin = files.put(name=f"Pin the driver to {drv.version}", src=_text(pin_file(drv)), dest=PIN_FILE)
+    nouveau = files.put(name="Blacklist nouveau", src=_text("blacklist nouveau\noptions nouveau modeset=0\n"),
+                        dest=NOUVEAU_BLACKLIST)
+    server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"], _if=nouveau.did_change)
+    apt.update(name="Update package lists", _if=any_changed(source, pin))
+    installed = apt.packages(name=f"Install the NVIDIA {drv.branch} driver {drv.version}",
+                             packages=[f"linux-headers-{kernel}", "dkms", *packages], no_recommends=True,
+                             extra_install_args=APT_ARGS)
+    held = set(host.get_fact(AptHolds))
+    if not set(packages) <= held:
+        server.shell(name="Hold the driver packages (no unattended upgrade may move them)",
+                     commands=[f"apt-mark hold {' '.join(sorted(packages))}"])
+    driver_loaded(name="Load the pinned driver (reboot only if needed and allowed)", driver=drv,
+                  allow_reboot=settings.value(plan.data, "nvidia_allow_reboot"))
+    systemd.service(name="Persistence daemon", service="nvidia-persistenced", running=True, enabled=True)
+    if pci["nvswitches"]:
+        systemd.service(name=f"Fabric manager {drv.version} (NVSwitch host)", service="nvidia-fabricmanager",
+                        running=True, enabled=True, _if=installed.did_succeed)
+    return True
+
+
+@deploy("GPU health")
+def health(plan: HostPlan, python: str):
+    """The NVML gate before any model is served, and the burn-in on first onboarding."""
+    files.put(name="Install the GPU probe", src=str(GPU_PROBE), dest=GPU_PROBE_PATH, mode="755",
+              create_remote_dir=True)
+    expect = GpuExpectation(count=settings.value(plan.data, "vllm_gpu_count") or 1, model=plan.gpu.nvml_name,
+                            memory_bytes=plan.gpu.memory_bytes)
+    gpu_health(name="NVML checks (and burn-in on first onboarding)", expect=expect, python=python,
+               burnin=settings.value(plan.data, "nvidia_burnin"), record_dir=RECORD_DIR)
+
+
+def _text(content: str) -> StringIO:
+    return StringIO(content)
