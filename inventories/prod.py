@@ -13,6 +13,8 @@ _FLEET = {
     "vllm_accelerator": "nvidia",
     "vllm_gpu_type": "h100-sxm",
     "vllm_gpu_count": 2,
+    # Your mirror of NVIDIA's CUDA apt repository (the folder holding ubuntu2204/, debian12/).
+    "nvidia_repo_url": "https://apt-mirror.internal/cuda/repos",
     "vllm_model_id": "meta-llama/Llama-3.3-70B-Instruct",
     # Replace with the repository commit you evaluated: a deploy never follows a branch.
     "vllm_model_revision": "0000000000000000000000000000000000000000",

@@ -312,6 +312,10 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
             raise FleetConfigError(f"host {name}: vllm_gpu_type", "an NVIDIA host needs its GPU model for planning.",
                                    "set vllm_gpu_type, e.g. h100-sxm (`python -m roles.cli gpus` lists them).")
         gpu = gpu_spec(data["vllm_gpu_type"], data.get("vllm_gpu_types"))
+        if not data.get("nvidia_repo_url"):
+            raise FleetConfigError(f"host {name}: nvidia_repo_url", "is not set; the driver comes from it.",
+                                   "set it to NVIDIA's CUDA apt repository (or your mirror of it): the folder "
+                                   "holding ubuntu2204/, ubuntu2404/ and debian12/.")
     model = plan_model(name, data, base_dir)
     arch = model_arch(name, data, model, base_dir)
     host_gpus = data.get("vllm_gpu_count")

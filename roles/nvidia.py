@@ -174,11 +174,7 @@ def driver(plan: HostPlan):
                   "re-run.")
         return False
 
-    repo_url = settings.value(plan.data, "nvidia_repo_url")
-    if not repo_url:
-        raise FleetConfigError(f"host {plan.name}: nvidia_repo_url", "is not set.",
-                               "set it to NVIDIA's CUDA apt repository (or your mirror of it): the folder "
-                               "holding ubuntu2204/, ubuntu2404/ and debian12/.")
+    repo_url = settings.value(plan.data, "nvidia_repo_url")  # required by the plan on NVIDIA hosts
     plat = driver_platform(plan.name, host.get_fact(LinuxDistribution), drv)
     kernel = host.get_fact(KernelVersion)
     # NVSwitch systems: the fabric manager must be exactly the driver's version (CUDA error 802

@@ -109,7 +109,7 @@ def test_settings_table_documents_every_setting():
 
 def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_releases):
     hp = host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
-                   vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm", vllm_gpu_memory_utilization=0.92,
+                   vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm", nvidia_repo_url="https://m.example/r", vllm_gpu_memory_utilization=0.92,
                    vllm_instances=[{"name": "a", "port": 8001, "tensor_parallel_size": 2},
                                    {"name": "b", "port": 8002}])
     gpus = auto_gpus(hp.instances)
@@ -123,6 +123,6 @@ def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_release
 def test_two_instances_claiming_one_gpu_are_refused(host_data, nvidia_releases):
     with pytest.raises(FleetConfigError, match="GPU 0 is already given to instance a"):
         host_plan(host_data, vllm_releases_dir=str(nvidia_releases), vllm_release="nvidia-vllm-0.32.0",
-                  vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm",
+                  vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm", nvidia_repo_url="https://m.example/r",
                   vllm_instances=[{"name": "a", "port": 8001, "gpus": [0]},
                                                              {"name": "b", "port": 8002, "gpus": [0]}])

@@ -201,3 +201,27 @@ def test_kill_9_under_load_recovers(endpoint, lab):
     # Only requests already in flight on the killed instance can fail; nginx sends new ones elsewhere.
     assert len(failed) <= load.workers
     assert after_recovery == []
+
+
+def test_lab_host_declared_nvidia_is_stopped_unchanged(endpoint, lab, tmp_path):
+    """lab2 has no NVIDIA GPU: declared `accelerator: nvidia`, the deploy must stop it with "no
+    NVIDIA GPU found" and change nothing there, while lab1 is deployed as usual."""
+    first, second = lab["hosts"][0], lab["hosts"][1]
+    snapshot = ("ls -la --time-style=full-iso /etc/apt/sources.list.d /etc/apt/preferences.d "
+                "/etc/vllm-fleet/instances /opt/vllm-fleet; dpkg -l | md5sum; systemctl is-active vllm@a")
+    before = ssh(second["name"], snapshot, check=False)
+    inventory = tmp_path / "gpu_lab.py"
+    inventory.write_text(
+        "import runpy\n"
+        f"lab = runpy.run_path({str(REPO / 'inventories' / 'lab.py')!r})\n"
+        "hosts = dict(lab['vllm'])\n"
+        f"gpu = {{**hosts[{second['name']!r}], 'vllm_release': 'nvidia-vllm-0.32.0', 'vllm_accelerator': 'nvidia',\n"
+        "       'vllm_gpu_type': 'h200', 'vllm_gpu_count': 1, 'nvidia_repo_url': 'https://cuda-mirror.example/repos'}\n"
+        f"vllm = [({first['name']!r}, hosts[{first['name']!r}]), ({second['name']!r}, gpu)]\n"
+        "lb = lab['lb']\n")
+    proc = subprocess.run([str(PYINFRA), "-y", str(inventory), "deploys/vllm.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert f"{second['name']}: no NVIDIA GPU found" in output, output[-4000:]
+    assert ssh(second["name"], snapshot, check=False) == before
+    assert re.search(rf"\[{first['name']}\].*smoke test passed", output), output[-4000:]

@@ -25,7 +25,7 @@ def article_host(**overrides):
     --max-model-len 8192, --gpu-memory-utilization 0.92 (fp16 weights: bf16 is the same size)."""
     data = {
         "vllm_release": "nvidia-vllm-0.32.0", "vllm_accelerator": "nvidia", "vllm_gpu_type": "h100-sxm",
-        "vllm_gpu_count": 1, "vllm_model_id": "meta-llama/Llama-3.3-70B-Instruct", "vllm_model_revision": REVISION,
+        "vllm_gpu_count": 1, "nvidia_repo_url": "https://cuda-mirror.example/repos", "vllm_model_id": "meta-llama/Llama-3.3-70B-Instruct", "vllm_model_revision": REVISION,
         "vllm_instances": [{"name": "a", "port": 8000}], "vllm_tensor_parallel_size": 1,
         "vllm_max_model_len": 8192, "vllm_gpu_memory_utilization": 0.92, "vllm_dtype": "float16",
     }
@@ -72,3 +72,8 @@ def test_fp8_on_one_h100_fits_and_reports_the_kv_cache_left():
     assert fit.quantization == "fp8" and fit.kv_tokens == 11_824
     assert fit.max_model_len == 8192 and fit.max_num_seqs == 1
     assert fit.decode_ceiling_tokens_per_s < 85  # the article's single-stream figure is out of reach
+
+
+def test_nvidia_host_without_a_driver_repository_is_refused():
+    with pytest.raises(FleetConfigError, match="nvidia_repo_url: is not set"):
+        plan_fleet([("gpu-01", article_host(nvidia_repo_url=None, vllm_quantization="fp8"))], ["gpu-01"])
