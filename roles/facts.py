@@ -13,6 +13,10 @@ class PciNvidia(FactBase):
         return ("for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/vendor 2>/dev/null)\" = 0x10de ] && "
                 "cat $d/class; done; true")
 
+    @staticmethod
+    def default() -> dict:
+        return {"gpus": 0, "nvswitches": 0}  # no output: no NVIDIA device at all
+
     def process(self, output: list[str]) -> dict:
         classes = [line.strip() for line in output]
         # 0x0300xx VGA, 0x0302xx 3D controller (data-centre GPUs); NVSwitches are 0x0680xx bridges.
@@ -36,12 +40,16 @@ class SecureBoot(FactBase):
     def command(self) -> str:
         return "mokutil --sb-state 2>/dev/null || true"
 
+    default = bool  # no mokutil, legacy boot: nothing refuses unsigned modules
+
     def process(self, output: list[str]) -> bool:
         return any("SecureBoot enabled" in line for line in output)
 
 
 class AptHolds(FactBase):
     """Packages held with apt-mark."""
+
+    default = list
 
     def command(self) -> str:
         return "apt-mark showhold 2>/dev/null || true"

@@ -170,3 +170,11 @@ def test_gpu_deploy_onboards_without_serving(gpu_data):
     run_ = commands(run(gpu_data(), sim, deploy=site.onboard))
     assert any("-m venv" in c for c in run_) and not any("vllm@" in c for c in run_)
     assert "/var/lib/vllm-fleet/gpu/burnin.json" in sim.files
+
+
+def test_facts_read_empty_output_as_nothing_found():
+    # pyinfra returns a fact's default when its command prints nothing (a host without GPUs).
+    from roles.facts import AptHolds, PciNvidia, SecureBoot
+    assert PciNvidia().default() == {"gpus": 0, "nvswitches": 0}
+    assert SecureBoot().default() is False and AptHolds().default() == []
+    assert PciNvidia().process(["0x030200", "0x068000", "0x068000", "0x020000"]) == {"gpus": 1, "nvswitches": 2}
