@@ -1,5 +1,6 @@
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -61,3 +62,14 @@ def nvidia_releases(tmp_path: Path) -> Path:
     (releases / "nvidia-vllm-0.32.0.lock").write_text(
         lock_text(release, hashlib.sha256(manifest.read_bytes()).hexdigest(), report))
     return releases
+
+
+@pytest.fixture
+def no_wheel_download(tmp_path):
+    """Deploy tests without a real wheelhouse: it is built on the control node, and its contents
+    are not what they check."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "wheels.tar").write_bytes(b"\0" * 1024)
+    with mock.patch("roles.vllm.build_wheelhouse", return_value=wheelhouse):
+        yield

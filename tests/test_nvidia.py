@@ -7,7 +7,6 @@ H200."""
 import copy
 import json
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
@@ -20,14 +19,7 @@ READINGS = json.loads((FIXTURES / "h200-readings.json").read_text())
 BURNIN = json.loads((FIXTURES / "h200-burnin.json").read_text())
 REPO = "https://cuda-mirror.example/compute/cuda/repos"
 
-
-@pytest.fixture(autouse=True)
-def no_wheel_download(tmp_path):
-    wheelhouse = tmp_path / "wheelhouse"
-    wheelhouse.mkdir()
-    (wheelhouse / "wheels.tar").write_bytes(b"\0" * 1024)
-    with mock.patch("roles.vllm.build_wheelhouse", return_value=wheelhouse):
-        yield
+pytestmark = pytest.mark.usefixtures("no_wheel_download")
 
 
 @pytest.fixture
