@@ -10,9 +10,6 @@ from roles import site
 from roles.errors import FleetConfigError
 from roles.fleet import plan_fleet
 
-
-
-
 pytestmark = pytest.mark.usefixtures("no_wheel_download")
 
 
