@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 from io import StringIO
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyinfra import host, state
@@ -38,6 +38,8 @@ PIN_FILE = "/etc/apt/preferences.d/nvidia-driver"
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 # Health records per host; the burn-in record also marks a host as onboarded.
 RECORD_DIR = "/var/lib/vllm-fleet/gpu"
+# Per-host JSON records of the NVML gate, on the control node, relative to where pyinfra runs.
+LOCAL_RECORDS = Path(".cache/gpu-health")
 APT_ARGS = "-o DPkg::Lock::Timeout=300"
 # Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
 DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
@@ -142,10 +144,21 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
         checks += burnin_checks(result)
         yield StringCommand(f"mkdir -p {record_dir} && echo {shlex.quote(json.dumps(result))} > {record}")
     report = table(host.name, checks)
+    write_record(host.name, readings, checks)
     if not all(c.ok for c in checks):
         yield StringCommand(f"echo {shlex.quote(report)} >&2; exit 1")
         return
     host.log(report)
+
+
+def write_record(host_name: str, readings: dict, checks) -> Path:
+    """The host's readings and verdicts as JSON on the control node (not on the host: a record
+    there would change at every run)."""
+    path = LOCAL_RECORDS / f"{host_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host_name, "ok": all(c.ok for c in checks), "readings": readings,
+                                "checks": [asdict(c) for c in checks]}, indent=1) + "\n")
+    return path
 
 
 # ---- the role ---------------------------------------------------------------------------------------

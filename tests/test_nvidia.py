@@ -22,6 +22,12 @@ REPO = "https://cuda-mirror.example/compute/cuda/repos"
 pytestmark = pytest.mark.usefixtures("no_wheel_download")
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Run where pyinfra would, in a scratch folder: the gate writes .cache/gpu-health/HOST.json."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def gpu_data(host_data, nvidia_releases):
     def make(**overrides):
@@ -148,13 +154,15 @@ def test_host_without_nvidia_gpu_stops_before_any_change(gpu_data):
     assert len(run_) == 1 and "no NVIDIA GPU found" in run_[0]
 
 
-def test_unhealthy_gpu_stops_the_host_before_serving(gpu_data):
+def test_unhealthy_gpu_stops_the_host_before_serving(gpu_data, tmp_path):
     sim = gpu_host(ubuntu(22, 4), loaded="580.159.04", nouveau_loaded=False)
     sim.gpu.readings["gpus"][0]["ecc_uncorrected_volatile"] = 2
     ops = run(gpu_data(), sim)
     failing = [op for op in ops if stops(op.commands)]
     assert [op.name.split(" | ")[-1] for op in failing] == ["NVML checks (and burn-in on first onboarding)"]
     assert "FAIL gpu0 ecc uncorrected volatile: 2" in failing[0].commands[0]
+    record = json.loads((tmp_path / ".cache" / "gpu-health" / "g1.json").read_text())
+    assert record["ok"] is False and record["readings"]["gpus"][0]["ecc_uncorrected_volatile"] == 2
 
 
 def test_gpu_deploy_onboards_without_serving(gpu_data):
