@@ -56,3 +56,15 @@ class AptHolds(FactBase):
 
     def process(self, output: list[str]) -> list[str]:
         return [line.strip() for line in output if line.strip()]
+
+
+class InstalledReleases(FactBase):
+    """Complete release venvs under a folder (their install marker written), newest first."""
+
+    default = list
+
+    def command(self, venvs_dir: str) -> str:
+        return f"ls -1t {venvs_dir}/*/.lock-digest 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip().rsplit("/", 1)[0] for line in output if line.strip()]

@@ -110,6 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_install_dir", str, "/opt/vllm-fleet", "Venvs (one per release lock) and the 'current' link."),
     Setting("vllm_data_dir", str, "/var/lib/vllm-fleet", "Staged models and the Hugging Face cache."),
     Setting("vllm_listen_address", str, "0.0.0.0", "Address the instances listen on."),
+    Setting("vllm_keep_releases", int, 3,
+            "Release venvs kept on a host for instant rollback; older ones are removed (never the one in use)."),
     Setting("vllm_start_timeout", int, 900,
             "Seconds to wait for an instance's /health after a (re)start; large models load for minutes."),
     Setting("vllm_python", str, None,

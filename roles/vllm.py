@@ -12,14 +12,15 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
-from pyinfra.facts.files import FileContents, FindFiles
+from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import engine, fleet, platform
 from roles.fleet import HostPlan, Model
-from roles.release import Lock, build_wheelhouse, host_install_command
+from roles.facts import InstalledReleases
+from roles.release import Lock, build_wheelhouse, host_install_command, releases_to_remove
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PROBE = Path(__file__).resolve().parent / "files" / "fleet_probe.py"
@@ -100,9 +101,30 @@ def release(plan: HostPlan):
 
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
                         lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
-    current = files.link(name="Point the current release link at it", path=f"{install_dir}/current",
-                         target=plan.venv_dir)
+    link = f"{install_dir}/current"
+    previous = (host.get_fact(Link, path=link) or {}).get("link_target")
+    current = release_link(name="Point the current release link at it", path=link, target=plan.venv_dir)
+    old_releases(name=f"Keep the newest {plan.get('vllm_keep_releases')} releases", venvs_dir=f"{install_dir}/venvs",
+                 keep=plan.get("vllm_keep_releases"), protected={plan.venv_dir, *([previous] if previous else [])})
     return venv, current
+
+
+@operation()
+def release_link(path: str, target: str):
+    """Switch the release link in one step (rename over it): a reader sees the old or the new
+    release, never a missing link."""
+    if (host.get_fact(Link, path=path) or {}).get("link_target") == target:
+        host.noop(f"{path} already points at {target}")
+        return
+    yield StringCommand(f"ln -sfn {target} {path}.new && mv -T {path}.new {path}")
+
+
+@operation()
+def old_releases(venvs_dir: str, keep: int, protected: set[str]):
+    """Remove release venvs beyond the newest ``keep``. ``protected`` holds the release switched to
+    and the one the instances ran before this deploy (they use it until they restart)."""
+    for venv in releases_to_remove(host.get_fact(InstalledReleases, venvs_dir=venvs_dir), keep, protected):
+        yield StringCommand(f"rm -rf {venv}")
 
 
 @deploy("vLLM host")

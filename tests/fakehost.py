@@ -108,6 +108,7 @@ class SimulatedHost:
         self.users: dict[str, dict] = {"root": self._user("/root", "/bin/bash", "root")}
         self.packages: dict[str, list[str]] = {}
         self.running: set[str] = set()
+        self._writes = 0  # order of files written by commands, for "newest first" facts
         self.enabled: set[str] = set()
 
     @staticmethod
@@ -142,6 +143,9 @@ class SimulatedHost:
             "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
             "FindFiles": lambda path, fname="*", maxdepth=None: sorted(
                 f for f in self.files if f.startswith(path.rstrip("/") + "/") and fnmatch(Path(f).name, fname)),
+            "InstalledReleases": lambda venvs_dir: sorted(
+                (f.rsplit("/", 1)[0] for f in self.files if f.startswith(venvs_dir + "/") and f.endswith("/.lock-digest")),
+                key=lambda d: -self.files[d + "/.lock-digest"]["order"]),
             "Users": self.users, "Groups": [], "DebPackages": self.packages,
             "PciNvidia": {"gpus": self.gpu.pci_gpus, "nvswitches": self.gpu.nvswitches},
             "NvidiaModuleVersion": lambda: self.gpu.loaded, "SecureBoot": self.gpu.secure_boot,
@@ -212,7 +216,12 @@ class SimulatedHost:
             self.files[self.APT_STAMP] = {"sha1": "", "mode": 644, "lines": []}
         elif cmd in ("echo", "printf") and ">" in args:
             value = args[args.index(">") - 1]
-            self.files[args[-1]] = {"sha1": "", "mode": 644, "lines": [value]}
+            self._writes += 1
+            self.files[args[-1]] = {"sha1": "", "mode": 644, "lines": [value], "order": self._writes}
+        elif cmd == "rm" and args[0] == "-rf":
+            for path in args[1:]:
+                for f in [f for f in self.files if f == path or f.startswith(path + "/")]:
+                    del self.files[f]
         elif "DEBIAN_FRONTEND=noninteractive" in cmd and "install" in args:
             for name in args[args.index("install") + 1:]:
                 if not name.startswith("-") and "=" not in name and name != "-o":
@@ -223,6 +232,8 @@ class SimulatedHost:
                         self.links["/etc/nginx/sites-enabled/default"] = "/etc/nginx/sites-available/default"
                         self.running.add("nginx.service")
                         self.enabled.add("nginx.service")
+        elif cmd == "mv" and args[-2] in self.links:
+            self.links[args[-1]] = self.links.pop(args[-2])
         elif cmd == "mv":
             self.files[args[-1]] = self.files.pop(args[-2], {"sha1": "", "mode": 644, "lines": []})
         elif cmd == "apt-mark" and args[0] == "hold":
