@@ -553,7 +553,7 @@ def plan_capacity(arch: ModelArch, dep: Deployment, host_gpus: int | None = None
     if gpu is not None and lay.budget <= 0:
         quant_text = f" quantized to {quant}" if quant else ""
         fixes = fixes_more_memory(need) or [
-            f"use a GPU with more memory (add one with `vllm_gpu_types`) or a smaller model"]
+            "use a GPU with more memory (add one with `vllm_gpu_types`) or a smaller model"]
         raise FleetConfigError(
             f("vllm_tensor_parallel_size"),
             f"{arch.name} in {dtype}{quant_text} needs {_gb(lay.weights_total)} of weights, "

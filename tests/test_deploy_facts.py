@@ -161,14 +161,13 @@ def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data)
     assert changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim)) == []
 
 
-def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data, tmp_path):
+def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
     """Three releases in turn, keeping two: going back to the previous one pushes no wheels and
     installs nothing; the release in use is never removed."""
     sim = SimulatedHost(debian(12))
     data = host_data(vllm_keep_releases=2)
     venvs = []
     for n in range(3):
-        lock = tmp_path / f"lock{n}"
         fleet = plan_fleet([("h1", data)], ["h1"])
         # Each "release" is the same manifest with another lock digest (what a new release changes on hosts).
         host_plan = fleet.hosts[0]

@@ -99,11 +99,11 @@ def burnin(device: int) -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     matmul_s = _time_cuda(lambda: a @ b, repeats=200)
-    del a, b
+    a = b = None  # free the matrices before the copy test allocates 4 GiB
     src = torch.empty(2 << 30, device="cuda", dtype=torch.uint8)  # 2 GiB, far past L2
     dst = torch.empty_like(src)
     copy_s = _time_cuda(lambda: dst.copy_(src), repeats=50)
-    del src, dst
+    src = dst = None
     host = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
     dev = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
     h2d_s = _time_cuda(lambda: dev.copy_(host, non_blocking=True), repeats=20)
