@@ -33,6 +33,7 @@ unit: setup
 	$(PY) -m pytest -q -m "not lab"
 
 test: setup $(MODEL)/config.json
+	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(PY) -m pytest -q -m "not lab"
 	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
 	$(PY) -m roles.release wheelhouse $(RELEASE)
