@@ -14,12 +14,12 @@ from pyinfra.operations.util import any_changed
 
 from roles import settings
 from roles.fleet import FleetPlan
+from roles.platform import APT_INSTALL_ARGS
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
 # Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
-APT_ARGS = "-o DPkg::Lock::Timeout=300"
 
 
 def template_vars(plan: FleetPlan, data) -> dict:
@@ -37,7 +37,7 @@ def template_vars(plan: FleetPlan, data) -> dict:
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
     apt.packages(name="Install nginx", packages=["nginx"], update=True, cache_time=3600,
-                 extra_install_args=APT_ARGS)
+                 extra_install_args=APT_INSTALL_ARGS)
     default_site = files.link(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
     conf = files.template(name="Render the fleet upstream", src=str(TEMPLATES / "nginx-vllm-fleet.conf.j2"),
                           dest=CONF_PATH, **template_vars(plan, data))

@@ -26,7 +26,8 @@ from roles import settings
 from roles.errors import FleetConfigError
 from roles.facts import AptHolds, NvidiaModuleVersion, PciNvidia, SecureBoot
 from roles.fleet import HostPlan
-from roles.gates import stop_host
+from roles.platform import APT_INSTALL_ARGS
+from roles.gates import failure, stop_host
 from roles.gpu_health import GpuExpectation, burnin_checks, health_checks, table
 from roles.release import Driver
 
@@ -40,7 +41,6 @@ NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 RECORD_DIR = "/var/lib/vllm-fleet/gpu"
 # Per-host JSON records of the NVML gate, on the control node, relative to where pyinfra runs.
 LOCAL_RECORDS = Path(".cache/gpu-health")
-APT_ARGS = "-o DPkg::Lock::Timeout=300"
 # Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
 DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
 
@@ -115,9 +115,10 @@ def driver_loaded(driver: Driver, allow_reboot: bool):
     the inventory allows it, else stop with the reason."""
     if not state.is_executing:
         return
-    reason = reboot_reason(_loaded_module(), driver, _nouveau_loaded())
+    loaded = _loaded_module()
+    reason = reboot_reason(loaded, driver, _nouveau_loaded())
     if reason is None:
-        if _loaded_module() != driver.version:
+        if loaded != driver.version:
             yield StringCommand("modprobe nvidia && nvidia-smi -L")
         else:
             host.noop(f"nvidia {driver.version} is loaded")
@@ -125,7 +126,7 @@ def driver_loaded(driver: Driver, allow_reboot: bool):
     if not allow_reboot:
         message = (f"{reason}. Fix: reboot the host in a maintenance window and re-run, or set "
                    "nvidia_allow_reboot = True to let the deploy reboot it.")
-        yield StringCommand(f"echo {shlex.quote(message)} >&2; exit 1")
+        yield failure(message)
         return
     yield from server.reboot._inner(delay=5, interval=5, reboot_timeout=900)
 
@@ -133,7 +134,8 @@ def driver_loaded(driver: Driver, allow_reboot: bool):
 @operation()
 def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: str):
     """NVML health checks (and the burn-in when asked or never done): pass quietly, or stop the host
-    with the table. The readings are kept on the host as JSON records."""
+    with the table. The readings and verdicts are kept as JSON on the control node, the burn-in
+    result on the host (it marks the host as onboarded)."""
     if not state.is_executing:
         return
     readings = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} readings"))
@@ -146,7 +148,7 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
     report = table(host.name, checks)
     write_record(host.name, readings, checks)
     if not all(c.ok for c in checks):
-        yield StringCommand(f"echo {shlex.quote(report)} >&2; exit 1")
+        yield failure(report)
         return
     host.log(report)
 
@@ -202,16 +204,16 @@ def driver(plan: HostPlan):
                            f"|| {{ echo 'the downloaded key is not {fingerprint}' >&2; exit 1; }}",
                            f"gpg --dearmor --yes -o {KEYRING} {KEYRING}.asc"],
                  _if=key.did_change)
-    source = files.put(name="NVIDIA CUDA repository (deb822)", src=_text(sources_file(repo_url, plat.repo_path)),
+    source = files.put(name="NVIDIA CUDA repository (deb822)", src=StringIO(sources_file(repo_url, plat.repo_path)),
                        dest=SOURCES)
-    pin = files.put(name=f"Pin the driver to {drv.version}", src=_text(pin_file(drv)), dest=PIN_FILE)
-    nouveau = files.put(name="Blacklist nouveau", src=_text("blacklist nouveau\noptions nouveau modeset=0\n"),
+    pin = files.put(name=f"Pin the driver to {drv.version}", src=StringIO(pin_file(drv)), dest=PIN_FILE)
+    nouveau = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
                         dest=NOUVEAU_BLACKLIST)
     server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"], _if=nouveau.did_change)
     apt.update(name="Update package lists", _if=any_changed(source, pin))
     installed = apt.packages(name=f"Install the NVIDIA {drv.branch} driver {drv.version}",
                              packages=[f"linux-headers-{kernel}", "dkms", *packages], no_recommends=True,
-                             extra_install_args=APT_ARGS)
+                             extra_install_args=APT_INSTALL_ARGS)
     held = set(host.get_fact(AptHolds))
     if not set(packages) <= held:
         server.shell(name="Hold the driver packages (no unattended upgrade may move them)",
@@ -234,7 +236,3 @@ def health(plan: HostPlan, python: str):
                             memory_bytes=plan.gpu.memory_bytes)
     gpu_health(name="NVML checks (and burn-in on first onboarding)", expect=expect, python=python,
                burnin=settings.value(plan.data, "nvidia_burnin"), record_dir=RECORD_DIR)
-
-
-def _text(content: str) -> StringIO:
-    return StringIO(content)

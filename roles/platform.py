@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from roles.errors import FleetConfigError
 
+# apt-get install waits for a lock held by unattended-upgrades instead of failing the deploy.
+APT_INSTALL_ARGS = "-o DPkg::Lock::Timeout=300"
+
 # (distribution name, major version) -> Python versions installable from its own archive.
 PYTHONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Debian", "12"): ("3.11",),

@@ -21,13 +21,14 @@ from roles.vllm import ENV_DIR, PROBE_PATH
 
 def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | None:
     """The probe invocation for one host, or None when the host has nothing to check."""
-    args = ["python3", PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
+    base = ["python3", PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
+    args = list(base)
     mine = plan.host(host_name)
     for inst in mine.instances if mine else ():
         args += ["--instance", f"{inst.name}:{inst.port}"]
     if host_name in plan.lb_hosts:
         args += ["--lb-port", str(settings.value(data, "nginx_listen_port")), "--model", plan.served_model_name]
-    if len(args) == 5:
+    if args == base:
         return None
     return shlex.join(args + (["--report"] if report else []))
 

@@ -27,8 +27,6 @@ PROBE = Path(__file__).resolve().parent / "files" / "fleet_probe.py"
 # Where the role keeps host-side files other than venvs and data.
 ENV_DIR = "/etc/vllm-fleet/instances"
 PROBE_PATH = "/usr/local/lib/vllm-fleet/fleet_probe.py"
-# Waits for a lock held by unattended-upgrades instead of failing the deploy.
-APT_ARGS = "-o DPkg::Lock::Timeout=300"
 DIGEST_FILE = ".vllm-fleet-digest"
 
 
@@ -93,7 +91,7 @@ def release(plan: HostPlan):
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
     apt.packages(name="Install host packages", packages=plat.packages + ["sudo"], update=True,
-                 cache_time=3600, no_recommends=True, extra_install_args=APT_ARGS)
+                 cache_time=3600, no_recommends=True, extra_install_args=platform.APT_INSTALL_ARGS)
     server.user(name=f"Create system user {user}", user=user, system=True, home=data_dir,
                 shell="/usr/sbin/nologin", create_home=False)
     for path in (install_dir, f"{install_dir}/venvs", data_dir, f"{data_dir}/models", ENV_DIR):
