@@ -4,9 +4,11 @@ The whole fleet is planned and checked first: a configuration that cannot work s
 with a message naming the field and the fix, before any operation runs on any host.
 """
 
-from pyinfra import inventory
+from pyinfra import inventory, state
 
 from roles import site
-from roles.fleet import plan_inventory
+from roles.fleet import check_run_limit, plan_inventory
 
-site.serve(plan_inventory(inventory))
+plan = plan_inventory(inventory)
+check_run_limit(plan, None if state.limit_hosts is None else [h.name for h in state.limit_hosts])
+site.serve(plan)

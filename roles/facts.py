@@ -68,3 +68,21 @@ class InstalledReleases(FactBase):
 
     def process(self, output: list[str]) -> list[str]:
         return [line.strip().rsplit("/", 1)[0] for line in output if line.strip()]
+
+
+class InstanceReleases(FactBase):
+    """Per instance release link under a folder: the venv it points to and that venv's release."""
+
+    default = dict
+
+    def command(self, links_dir: str) -> str:
+        return (f'for l in {links_dir}/*; do [ -L "$l" ] && echo "${{l##*/}} $(readlink "$l") '
+                f'$(cat "$l/.release" 2>/dev/null)"; done; true')
+
+    def process(self, output: list[str]) -> dict[str, dict[str, str]]:
+        found = {}
+        for line in output:
+            name, venv, *release = line.split()
+            # Venvs made before releases were named on hosts are known by their lock digest.
+            found[name] = {"venv": venv, "release": release[0] if release else venv.rsplit("/", 1)[-1]}
+        return found

@@ -337,6 +337,11 @@ def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterabl
     if not lb:
         raise FleetConfigError(f"inventory group `{LB_GROUP}`", "has no hosts.",
                                f"put the load balancer host(s) in a group named `{LB_GROUP}`.")
+    batch_sizes = {p.get("vllm_rollout_batch_size") for p in plans}
+    if len(batch_sizes) > 1 or min(batch_sizes) < 1:
+        raise FleetConfigError("vllm_rollout_batch_size",
+                               f"is {sorted(batch_sizes)} across the hosts; a rolling update has one batch size, 1 or more.",
+                               "set one value for every host (group data), or leave the default 1.")
     names = {p.model.served_name for p in plans}
     if len(names) > 1:
         raise FleetConfigError("vllm_served_model_name",
@@ -351,6 +356,21 @@ def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterabl
                                        f"port {lb_port} is the load balancer's nginx_listen_port on this host.",
                                        "move the instance or nginx_listen_port to another port.")
     return FleetPlan(hosts=plans, lb_hosts=lb, served_model_name=names.pop())
+
+
+def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None:
+    """A run limited to some hosts (pyinfra's ``--limit``) must include a load balancer when it
+    includes instance hosts: an instance restarts only after nginx has stopped sending to it."""
+    if hosts_in_run is None:
+        return
+    in_run = set(hosts_in_run)
+    instance_hosts = [h.name for h in plan.hosts if h.name in in_run]
+    if instance_hosts and not in_run & set(plan.lb_hosts):
+        raise FleetConfigError(
+            "--limit", f"includes vLLM hosts ({', '.join(instance_hosts)}) but no load balancer "
+            f"({', '.join(plan.lb_hosts)}): their instances could not be taken out of nginx before a restart.",
+            f"add the load balancer group, e.g. `--limit {instance_hosts[0]} --limit {LB_GROUP}`; instances restart "
+            "only where their release or configuration changed, so the others are not touched.")
 
 
 @lru_cache(maxsize=4)

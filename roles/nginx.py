@@ -6,7 +6,10 @@ reaches the running load balancer.
 
 from __future__ import annotations
 
+from io import StringIO
 from pathlib import Path
+
+import jinja2
 
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server, systemd
@@ -20,6 +23,14 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
 # Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+
+
+def render_conf(plan: FleetPlan, data, down: frozenset[str] | set[str] = frozenset()) -> str:
+    """The load balancer's configuration: every instance of the fleet, those in ``down``
+    (ADDRESS:PORT) marked down while they restart."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
+                             trim_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("nginx-vllm-fleet.conf.j2").render(down=down, **template_vars(plan, data))
 
 
 def template_vars(plan: FleetPlan, data) -> dict:
@@ -39,8 +50,7 @@ def load_balancer(plan: FleetPlan, data):
     apt.packages(name="Install nginx", packages=["nginx"], update=True, cache_time=3600,
                  extra_install_args=APT_INSTALL_ARGS)
     default_site = files.link(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
-    conf = files.template(name="Render the fleet upstream", src=str(TEMPLATES / "nginx-vllm-fleet.conf.j2"),
-                          dest=CONF_PATH, **template_vars(plan, data))
+    conf = files.put(name="Render the fleet upstream", src=StringIO(render_conf(plan, data)), dest=CONF_PATH)
     changed = any_changed(conf, default_site)
     server.shell(name="Check the nginx configuration", commands=["nginx -t"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)

@@ -476,8 +476,9 @@ def build_wheelhouse(lock: Lock, cache_root: Path = WHEELHOUSE_CACHE) -> Path:
 def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str = "python3") -> str:
     """Shell command for a host that has ``wheels.tar`` unpacked in ``wheel_dir``.
 
-    The venv is recreated from scratch so no package of an earlier lock survives, and
-    ``.lock-digest`` is written last, so a half-done install never reads as the lock's.
+    The venv is recreated from scratch so no package of an earlier lock survives; ``.release``
+    names it for reports, and ``.lock-digest`` is written last, so a half-done install never
+    reads as the lock's.
     The host's own pip configuration (indexes, constraints) is ignored: the lock is the truth.
     """
     venv, wheels = shlex.quote(venv_dir), shlex.quote(wheel_dir)
@@ -485,6 +486,7 @@ def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str 
     return (f"{shlex.quote(python)} -m venv --clear {venv}"
             f" && PIP_CONFIG_FILE=/dev/null {venv}/bin/python -m pip install --quiet --no-index --no-deps --require-hashes"
             f" --find-links {wheels} -r {host_lock}"
+            f" && printf '%s\\n' {shlex.quote(lock.release)} > {venv}/.release"
             f" && printf '%s\\n' {lock.digest} > {venv}/.lock-digest")
 
 

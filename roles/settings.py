@@ -112,6 +112,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_listen_address", str, "0.0.0.0", "Address the instances listen on."),
     Setting("vllm_keep_releases", int, 3,
             "Release venvs kept on a host for instant rollback; older ones are removed (never the one in use)."),
+    Setting("vllm_rollout_batch_size", int, 1,
+            "Instances restarted together in a rolling update, after the first (the canary, always alone); "
+            "the same on every host."),
     Setting("vllm_start_timeout", int, 900,
             "Seconds to wait for an instance's /health after a (re)start; large models load for minutes."),
     Setting("vllm_python", str, None,
@@ -137,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_listen_port", int, 80, "Port the load balancer listens on."),
     Setting("nginx_read_timeout", int, 900,
             "Seconds nginx waits between two reads from an instance; above the longest generation."),
+    Setting("nginx_drain_timeout", int, 300,
+            "Seconds an instance taken out of nginx for a restart may spend finishing its requests; then it "
+            "restarts anyway."),
     Setting("nginx_max_fails", int, 1, "Failed connections before an instance is taken out (passive check)."),
     Setting("nginx_fail_timeout", int, 10, "Seconds an instance stays out after max_fails failures."),
     Setting("nginx_keepalive", int, 32, "Idle keepalive connections kept open to the instances per worker."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 
-from roles import nginx, nvidia, smoke, vllm
+from roles import nginx, nvidia, rollout, smoke, vllm
 from roles.fleet import FleetPlan, HostPlan
 
 
@@ -14,10 +14,10 @@ def _onboard(host_plan: HostPlan):
     stopped before any change (no GPU, Secure Boot without a signing key)."""
     if host_plan.accelerator == "nvidia" and not nvidia.driver(host_plan):
         return None
-    installed = vllm.release(host_plan)
+    venv = vllm.release(host_plan)
     if host_plan.accelerator == "nvidia":
         nvidia.health(host_plan, python=f"{host_plan.venv_dir}/bin/python")
-    return installed
+    return venv
 
 
 @deploy("GPU onboarding")
@@ -30,16 +30,21 @@ def onboard(plan: FleetPlan):
 
 @deploy("vLLM fleet")
 def serve(plan: FleetPlan):
-    """Onboarding, vLLM instances where the host has some, nginx where it is a load balancer,
-    instances no longer listed stopped once nginx has forgotten them, then the smoke test."""
+    """Onboarding and new instances where the host has some, nginx where it is a load balancer,
+    then the rolling update of changed instances across the fleet, instances no longer listed
+    stopped once nginx has forgotten them, the smoke test and the fleet's release report."""
     host_plan = plan.host(host.name)
+    run = rollout.for_run(plan)
+    env_texts: dict[str, str] = {}
     if host_plan is not None:
-        installed = _onboard(host_plan)
-        if installed is None:
+        if _onboard(host_plan) is None:
             return
-        vllm.vllm_host(host_plan, installed)
+        env_texts = vllm.vllm_host(host_plan, run)
     if host.name in plan.lb_hosts:
         nginx.load_balancer(plan, host.data.dict())
+    rollout.rolling_update(run, env_texts, host.data.dict(), env_dir=vllm.ENV_DIR, probe=vllm.PROBE_PATH)
     if host_plan is not None:
         vllm.retire_removed_instances(host_plan)
+        vllm.settle_release_link(host_plan, run)
     smoke.fleet_smoke(name="Smoke test", plan=plan, data=host.data.dict())
+    rollout.report(name="Fleet release report", rollout=run)

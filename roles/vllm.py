@@ -15,11 +15,11 @@ from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
-from pyinfra.operations.util import any_changed
 
 from roles import engine, fleet, platform
 from roles.fleet import HostPlan, Model
-from roles.facts import InstalledReleases
+from roles.facts import InstalledReleases, InstanceReleases
+from roles.rollout import Member, Rollout, decide
 from roles.release import Lock, build_wheelhouse, host_install_command, releases_to_remove
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -27,6 +27,8 @@ PROBE = Path(__file__).resolve().parent / "files" / "fleet_probe.py"
 # Where the role keeps host-side files other than venvs and data.
 ENV_DIR = "/etc/vllm-fleet/instances"
 PROBE_PATH = "/usr/local/lib/vllm-fleet/fleet_probe.py"
+CHECK_ARGS = Path(__file__).resolve().parent / "files" / "check_engine_args.py"
+CHECK_ARGS_PATH = "/usr/local/lib/vllm-fleet/check_engine_args.py"
 DIGEST_FILE = ".vllm-fleet-digest"
 
 
@@ -85,8 +87,7 @@ def placements(plan: HostPlan) -> dict[str, str]:
 
 @deploy("Release")
 def release(plan: HostPlan):
-    """Host packages, the service user and the release venv behind the `current` link. Returns the
-    venv and link operations: a change in either restarts the instances."""
+    """Host packages, the service user and the release venv. Returns the venv operation."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
@@ -94,23 +95,27 @@ def release(plan: HostPlan):
                  cache_time=3600, no_recommends=True, extra_install_args=platform.APT_INSTALL_ARGS)
     server.user(name=f"Create system user {user}", user=user, system=True, home=data_dir,
                 shell="/usr/sbin/nologin", create_home=False)
-    for path in (install_dir, f"{install_dir}/venvs", data_dir, f"{data_dir}/models", ENV_DIR):
+    for path in (install_dir, f"{install_dir}/venvs", f"{install_dir}/instances", data_dir, f"{data_dir}/models"):
         files.directory(name=f"Directory {path}", path=path, mode="755")
+    # Environment files may hold API keys; systemd reads them as root.
+    files.directory(name=f"Directory {ENV_DIR}", path=ENV_DIR, mode="700")
 
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
                         lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
-    link = f"{install_dir}/current"
-    previous = (host.get_fact(Link, path=link) or {}).get("link_target")
-    current = release_link(name="Point the current release link at it", path=link, target=plan.venv_dir)
-    old_releases(name=f"Keep the newest {plan.get('vllm_keep_releases')} releases", venvs_dir=f"{install_dir}/venvs",
-                 keep=plan.get("vllm_keep_releases"), protected={plan.venv_dir, *([previous] if previous else [])})
-    return venv, current
+    old_releases(name=f"Keep the newest {plan.get('vllm_keep_releases')} releases", install_dir=install_dir,
+                 keep=plan.get("vllm_keep_releases"), target=plan.venv_dir)
+    return venv
 
 
 @operation()
-def release_link(path: str, target: str):
-    """Switch the release link in one step (rename over it): a reader sees the old or the new
+def release_link(path: str, target: str, still_elsewhere):
+    """Switch the host's release link in one step (rename over it), once every instance runs the
+    release (``still_elsewhere()`` lists those that do not): a reader sees the old or the new
     release, never a missing link."""
+    waiting_for = still_elsewhere()
+    if waiting_for:
+        host.log_styled(f"{path} stays where it is: {', '.join(waiting_for)} not on {target} yet", fg="yellow")
+        return
     if (host.get_fact(Link, path=path) or {}).get("link_target") == target:
         host.noop(f"{path} already points at {target}")
         return
@@ -118,44 +123,76 @@ def release_link(path: str, target: str):
 
 
 @operation()
-def old_releases(venvs_dir: str, keep: int, protected: set[str]):
-    """Remove release venvs beyond the newest ``keep``. ``protected`` holds the release switched to
-    and the one the instances ran before this deploy (they use it until they restart)."""
-    for venv in releases_to_remove(host.get_fact(InstalledReleases, venvs_dir=venvs_dir), keep, protected):
+def old_releases(install_dir: str, keep: int, target: str):
+    """Remove release venvs beyond the newest ``keep``; never the one being rolled to, one an
+    instance runs, or the one the host's ``current`` link points at."""
+    in_use = {link["venv"] for link in host.get_fact(InstanceReleases, links_dir=f"{install_dir}/instances").values()}
+    current = (host.get_fact(Link, path=f"{install_dir}/current") or {}).get("link_target")
+    protected = {target, *in_use, *([current] if current else [])}
+    for venv in releases_to_remove(host.get_fact(InstalledReleases, venvs_dir=f"{install_dir}/venvs"), keep, protected):
         yield StringCommand(f"rm -rf {venv}")
 
 
+@operation()
+def first_start(rollout: Rollout, member: Member, env_text: str, link: str, target: str, target_release: str,
+                timeout: int):
+    """Start an instance the host does not have yet (no environment file): it is not in nginx's
+    upstream yet, so it needs no draining. Existing instances restart in the rolling update."""
+    env_path = f"{ENV_DIR}/{member.name}.env"
+    if host.get_fact(FileContents, path=env_path) is not None:
+        host.noop(f"vllm@{member.name} exists; restarts go through the rolling update")
+        return
+    if host.name in rollout.refusals:
+        host.noop(f"vllm@{member.name} is not started: its flags were refused")
+        return
+    yield FileUploadCommand(StringIO(env_text), env_path)
+    yield StringCommand(f"chmod 600 {env_path}")
+    yield StringCommand(f"ln -sfn {target} {link}.new && mv -T {link}.new {link}")
+    yield StringCommand(f"systemctl enable --now vllm@{member.name}")
+    yield StringCommand(f"python3 {PROBE_PATH} wait --unit vllm@{member.name} --port {member.port} --timeout {timeout}")
+    rollout.runs(member, target, target_release)
+
+
 @deploy("vLLM host")
-def vllm_host(plan: HostPlan, installed):
-    """The model, the units and the instances, up to each answering /health. ``installed`` is what
-    ``release`` returned."""
-    venv, current = installed
+def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
+    """The model, the units, the restart decisions and the instances that are new, up to each
+    answering /health. Returns each instance's environment file, for the rolling update."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     model = staged_model(name=f"Model {plan.model.served_name}", model=plan.model, dest=plan.model_dir,
                          venv_dir=plan.venv_dir, user=user, hf_home=f"{data_dir}/hf")
-    files.put(name="Install the health/smoke probe", src=str(PROBE), dest=PROBE_PATH, mode="755",
-              create_remote_dir=True)
+    for src, dest in ((PROBE, PROBE_PATH), (CHECK_ARGS, CHECK_ARGS_PATH)):
+        files.put(name=f"Install {src.name}", src=str(src), dest=dest, mode="755", create_remote_dir=True)
     unit = files.template(name="Render the vllm@.service template unit",
                           src=str(TEMPLATES / "vllm@.service.j2"), dest="/etc/systemd/system/vllm@.service",
-                          service_user=user, env_dir=ENV_DIR, install_dir=install_dir, data_dir=data_dir)
+                          service_user=user, env_dir=ENV_DIR, links_dir=f"{install_dir}/instances",
+                          data_dir=data_dir)
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
     where = placements(plan)
+    env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name])) for i in plan.instances}
+    decide(name="Decide which instances restart (flags checked by the new release)", rollout=rollout,
+           env_texts=env_texts, engine_args={i.name: engine.render_args(plan, i) for i in plan.instances},
+           env_dir=ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
+           target_release=plan.release.name, check_script=CHECK_ARGS_PATH,
+           host_changes=lambda: "unit file changed" if unit.did_change() else
+           "model changed" if model.did_change() else None)
     # One after another: instances loading at the same moment race for memory.
-    for inst in plan.instances:
-        unit_name = f"vllm@{inst.name}"
-        env = files.put(name=f"Environment of {unit_name}",
-                        src=StringIO(engine.env_file(engine.render_env(plan, inst, where[inst.name]))),
-                        dest=f"{ENV_DIR}/{inst.name}.env", mode="600")
-        started = systemd.service(name=f"Start {unit_name}", service=unit_name, running=True, enabled=True)
-        config_changed = any_changed(env, unit, venv, current, model)
-        restarted = systemd.service(name=f"Restart {unit_name} on its new configuration", service=unit_name,
-                                    restarted=True,
-                                    _if=lambda c=config_changed, s=started: c() and not s.did_change())
-        server.shell(name=f"Wait for {unit_name} /health (up to {plan.get('vllm_start_timeout')}s)",
-                     commands=[f"python3 {PROBE_PATH} wait --unit {unit_name} --port {inst.port} "
-                               f"--timeout {plan.get('vllm_start_timeout')}"],
-                     _if=any_changed(started, restarted))
+    for member in (m for m in rollout.members if m.host == plan.name):
+        first_start(name=f"Start vllm@{member.name} if new (waits for /health, up to {plan.get('vllm_start_timeout')}s)",
+                    rollout=rollout, member=member, env_text=env_texts[member.name],
+                    link=f"{install_dir}/instances/{member.name}", target=plan.venv_dir,
+                    target_release=plan.release.name, timeout=plan.get("vllm_start_timeout"))
+        systemd.service(name=f"Enable vllm@{member.name} at boot", service=f"vllm@{member.name}", running=None,
+                        enabled=True)
+    return env_texts
+
+
+def settle_release_link(plan: HostPlan, rollout: Rollout) -> None:
+    """Point the host's ``current`` link at its release once all its instances run it."""
+    mine = [m for m in rollout.members if m.host == plan.name]
+    release_link(name="Point the host's current release link at it",
+                 path=f"{plan.get('vllm_install_dir')}/current", target=plan.venv_dir,
+                 still_elsewhere=lambda: [f"vllm@{m.name}" for m in mine if rollout.running.get(m) != plan.venv_dir])
 
 
 @deploy("Retire removed vLLM instances")

@@ -19,10 +19,10 @@ from typing import Any, Callable
 from unittest import mock
 
 from pyinfra.api import Config, Inventory, State
+from pyinfra.api.state import StateStage
 from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
-from pyinfra.api.deploy import add_deploy
 from pyinfra.api.host import Host
-from pyinfra.connectors.util import CommandOutput
+from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.context import ctx_host, ctx_state
 
 FactTable = dict[str, Callable[..., Any] | Any]
@@ -46,41 +46,64 @@ def _render(command) -> str:
     return repr(command)
 
 
-def plan(deploy_func, *args, host_name: str, host_data: dict, facts: FactTable,
-         executed: Callable[[PlannedOp], None] | None = None, **kwargs) -> list[PlannedOp]:
-    """The operations ``deploy_func`` adds for one host and the commands each would run.
-
-    ``executed`` is told of each operation as it "runs", so a simulated host can change its
-    facts for the operations after it, as a real host does.
-    """
-    inventory = Inventory(([(host_name, dict(host_data))], {}))
+def run_fleet(deploy_func, *args, hosts: dict[str, tuple[dict, "SimulatedHost"]], **kwargs) -> list[tuple[str, PlannedOp]]:
+    """Run ``deploy_func`` for several simulated hosts as one pyinfra run: every operation in
+    pyinfra's fleet-wide order, each host's commands applied to its simulated host as they are
+    generated (so facts read after a command see its effect), execute-time ``_if=`` included.
+    Returns (host name, operation) in the order they ran."""
+    inventory = Inventory(([(name, dict(data)) for name, (data, _) in hosts.items()], {}))
     state = State(inventory, Config())
+    sims = {name: sim for name, (_, sim) in hosts.items()}
 
     def get_fact(self, fact_cls, *fact_args, **fact_kwargs):
+        facts = sims[self.name].facts()
         name = fact_cls.__name__
         if name not in facts:
             raise AssertionError(f"unexpected fact {name}({fact_args}, {fact_kwargs}) on {self.name}")
         answer = facts[name]
         return answer(*fact_args, **fact_kwargs) if callable(answer) else answer
 
-    host = inventory.get_host(host_name)
-    with mock.patch.object(Host, "get_fact", get_fact), ctx_state.use(state), ctx_host.use(host):
-        add_deploy(state, deploy_func, *args, host=host, **kwargs)
-        # Execute in order as if every command succeeded, so ``_if=`` conditions see what
-        # earlier operations did, exactly as in a real run.
+    def run_shell_command(self, command, **_):
+        return sims[self.name].run(command.get_raw_value())
+
+    timeline = []
+    # CLI mode: operations are identified by their place in the code (as when pyinfra runs a
+    # deploy file), so the same call on two hosts is one fleet-wide operation.
+    with mock.patch.object(Host, "get_fact", get_fact), mock.patch.object(Host, "run_shell_command", run_shell_command), \
+            mock.patch("pyinfra.is_cli", True), ctx_state.use(state):
+        state.set_stage(StateStage.Prepare)
+        for host in inventory:
+            # What pyinfra's CLI does with a deploy file: run it once per host, in that host's context.
+            with ctx_host.use(host):
+                deploy_func(*args, **kwargs)
+        state.set_stage(StateStage.Execute)
         state.is_executing = True
-        ops = []
         for op_hash in state.get_op_order():
-            if op_hash not in state.ops[host]:
-                continue
-            op_data = state.ops[host][op_hash]
-            commands = list(op_data.command_generator())
-            op_data.operation_meta.set_complete(True, commands, CommandOutput([]))
-            ops.append(PlannedOp(name=", ".join(state.get_op_meta(op_hash).names),
-                                 commands=[_render(c) for c in commands], raw=commands))
-            if executed:
-                executed(ops[-1])
-    return ops
+            for host in inventory:
+                if op_hash not in state.ops[host]:
+                    continue
+                op_data = state.ops[host][op_hash]
+                commands = []
+                with ctx_host.use(host):
+                    for command in op_data.command_generator():
+                        commands.append(command)
+                        if isinstance(command, FunctionCommand):
+                            # vllm-fleet's callbacks run against the simulated host; pyinfra's own
+                            # (reboot waits) need a live connection, and the command before them
+                            # already changed the simulated state.
+                            if command.function.__module__.startswith("roles."):
+                                command.execute(state, host, {})
+                        else:
+                            sims[host.name].apply_command(command)
+                op_data.operation_meta.set_complete(True, commands, CommandOutput([]))
+                timeline.append((host.name, PlannedOp(name=", ".join(state.get_op_meta(op_hash).names),
+                                                      commands=[_render(c) for c in commands], raw=commands)))
+    return timeline
+
+
+def plan(deploy_func, *args, host_name: str, host_data: dict, sim: "SimulatedHost", **kwargs) -> list[PlannedOp]:
+    """The operations ``deploy_func`` runs on one simulated host, and their commands."""
+    return [op for _, op in run_fleet(deploy_func, *args, hosts={host_name: (host_data, sim)}, **kwargs)]
 
 
 def changed(ops: list[PlannedOp]) -> list[PlannedOp]:
@@ -105,11 +128,16 @@ class SimulatedHost:
         self.files: dict[str, dict] = {}  # path -> {"sha1", "mode", "lines"}
         self.dirs: dict[str, str] = {d: "root" for d in ("/", "/etc", "/tmp", "/usr/local/lib", "/etc/systemd/system")}
         self.links: dict[str, str] = {}
+        self.dir_modes: dict[str, int] = {}
         self.users: dict[str, dict] = {"root": self._user("/root", "/bin/bash", "root")}
         self.packages: dict[str, list[str]] = {}
         self.running: set[str] = set()
         self._writes = 0  # order of files written by commands, for "newest first" facts
         self.enabled: set[str] = set()
+        self.restarts: list[str] = []  # instances restarted by the rollout's switch, in order
+        self.drained: list[list[str]] = []  # upstreams nginx was asked to drain, per take-out
+        self.failing_releases: set[str] = set()  # release venvs whose engine fails to start
+        self.refused_flags: dict[str, str] = {}  # instance -> what a new release's parser says of its flags
 
     @staticmethod
     def _user(home, shell, group):
@@ -131,7 +159,8 @@ class SimulatedHost:
 
         def directory(path):
             owner = self.dirs.get(path.rstrip("/"))
-            return {"mode": 755, "user": owner, "group": owner} if owner else None
+            mode = self.dir_modes.get(path.rstrip("/"), 755)
+            return {"mode": mode, "user": owner, "group": owner} if owner else None
 
         def link(path):
             return {"link_target": self.links[path], "mode": 777} if path in self.links else None
@@ -151,6 +180,9 @@ class SimulatedHost:
             "NvidiaModuleVersion": lambda: self.gpu.loaded, "SecureBoot": self.gpu.secure_boot,
             "AptHolds": lambda: sorted(self.gpu.holds), "KernelVersion": "6.8.0-45-generic",
             "SystemdStatus": lambda *a, **k: {u: True for u in self.running},
+            "InstanceReleases": lambda links_dir: {
+                Path(l).name: {"venv": t, "release": (self.files.get(f"{t}/.release") or {"lines": [Path(t).name]})["lines"][0]}
+                for l, t in self.links.items() if l.startswith(links_dir + "/")},
             "SystemdEnabled": lambda *a, **k: {u: True for u in self.enabled},
         }
 
@@ -169,19 +201,47 @@ class SimulatedHost:
             return json.dumps(self.gpu.readings)
         if "gpu_probe.py burnin" in command:
             return json.dumps(self.gpu.burnin)
+        if "check_engine_args.py" in command:
+            asked = json.loads(shlex.split(command)[-1])
+            return json.dumps({name: self.refused_flags.get(name) for name in asked})
         if "fleet_probe.py smoke" in command:
             return json.dumps({"ok": self.smoke_ok, "results": [{"check": "x", "ok": self.smoke_ok}]})
         raise AssertionError(f"unexpected Command fact: {command}")
 
     # -- commands -------------------------------------------------------------------------------
-    def apply(self, ops: list[PlannedOp]) -> None:
-        for op in ops:
-            for command in op.raw:
-                if isinstance(command, FileUploadCommand):
-                    self._upload(command)
-                elif isinstance(command, StringCommand):
-                    for part in command.get_raw_value().split(" && "):
-                        self._shell(shlex.split(part))
+    def apply_command(self, command) -> None:
+        if isinstance(command, FileUploadCommand):
+            self._upload(command)
+        elif isinstance(command, StringCommand):
+            for part in command.get_raw_value().split(" && "):
+                self._shell(shlex.split(part))
+
+    def run(self, command: str) -> tuple[bool, CommandOutput]:
+        """What a command run by a Python callback (the rollout's switch) prints."""
+        argv = shlex.split(command)
+        if argv[1].endswith("fleet_probe.py") and argv[2] == "switch":
+            opts = dict(zip(argv[3::2], argv[4::2]))
+            result = self._switch(opts["--name"], opts["--env-dir"], opts["--link"], opts["--target"])
+            return True, CommandOutput([OutputLine("stdout", "RESULT " + json.dumps(result))])
+        if argv[1].endswith("fleet_probe.py") and argv[2] == "reload-and-drain":
+            self.drained.append([argv[i + 1] for i, a in enumerate(argv) if a == "--upstream"])
+            return True, CommandOutput([OutputLine("stdout", "drained")])
+        raise AssertionError(f"unexpected command: {command}")
+
+    def _switch(self, name: str, env_dir: str, link: str, target: str) -> dict:
+        """fleet_probe.py switch: the staged environment and the release become the instance's and
+        it restarts; an instance on a release in ``failing_releases`` does not come up, so the
+        previous ones come back."""
+        env, staged = f"{env_dir}/{name}.env", f"{env_dir}/{name}.env.next"
+        previous = self.files[env], self.links.get(link)
+        self.files[env] = self.files.pop(staged)
+        self.links[link] = target
+        self.restarts.append(name)
+        if target not in self.failing_releases:
+            return {"outcome": "switched", "detail": f"vllm@{name} serves from {target}", "seconds": 1.0}
+        self.files[env], self.links[link] = previous
+        self.restarts.append(name)
+        return {"outcome": "reverted", "detail": f"vllm@{name} did not become healthy", "seconds": 2.0}
 
     def _upload(self, command: FileUploadCommand) -> None:
         src = command.src
@@ -203,6 +263,8 @@ class SimulatedHost:
         elif cmd == "chmod" and args[0] != "-R":
             if args[1] in self.files:
                 self.files[args[1]]["mode"] = int(args[0])
+            elif args[1].rstrip("/") in self.dirs:
+                self.dir_modes[args[1].rstrip("/")] = int(args[0])
         elif cmd == "ln":
             self.links[args[-1]] = args[-2]
         elif cmd == "rm" and args[-1] in self.links:
@@ -240,6 +302,9 @@ class SimulatedHost:
             self.gpu.holds.update(args[1:])
         elif cmd == "reboot" or cmd == "modprobe" and args == ["nvidia"]:
             self.gpu.loaded, self.gpu.nouveau_loaded = self.gpu.installed, False
+        elif cmd == "systemctl" and args[:2] == ["enable", "--now"]:
+            self.enabled.add(args[2] + ".service")
+            self.running.add(args[2] + ".service")
         elif cmd == "systemctl" and len(args) == 2:
             action, unit = args
             if action in ("start", "restart", "reload"):

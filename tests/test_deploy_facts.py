@@ -17,8 +17,7 @@ pytestmark = pytest.mark.usefixtures("no_wheel_download")
 
 def deploy(fleet, name, data, sim):
     """Run the fleet deploy for one host against the simulated host, which keeps the result."""
-    return plan(site.serve, fleet, host_name=name, host_data=data, facts=sim.facts(),
-                executed=lambda op: sim.apply([op]))
+    return plan(site.serve, fleet, host_name=name, host_data=data, sim=sim)
 
 
 def commands(ops):
@@ -48,16 +47,21 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
     assert "upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf" in text
     assert "nginx -t" in run
     assert any(c.startswith("rm ") and c.endswith("/etc/nginx/sites-enabled/default") for c in run)
-    # Instances start one after another, each waited on before the next starts.
-    order = [c for c in run if c.startswith(("systemctl start vllm@", "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait"))]
+    # New instances start one after another, each on its own release link, each waited on
+    # before the next starts, all before nginx sends them anything.
+    order = [c for c in run if c.startswith(("systemctl enable --now vllm@", "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait"))]
     assert order == [
-        "systemctl start vllm@a.service",
+        "systemctl enable --now vllm@a",
         "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@a --port 8001 --timeout 900",
-        "systemctl start vllm@b.service",
+        "systemctl enable --now vllm@b",
         "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@b --port 8002 --timeout 900",
     ]
+    assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/current"] == venv.split()[4]
+    assert run.index("systemctl enable --now vllm@b") < run.index("upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf")
     # nginx is reloaded only after its configuration passed nginx -t.
     assert run.index("nginx -t") < run.index("systemctl reload nginx.service")
+    # Nothing existed before: nothing restarts, no instance is taken out of nginx.
+    assert sim.restarts == [] and sim.drained == []
 
 
 @pytest.mark.parametrize("distro", [debian(12), ubuntu(22, 4)])
@@ -71,17 +75,29 @@ def test_second_run_changes_nothing(host_data, distro):
     assert [(op.name, op.commands) for op in changed(second)] == []
 
 
-def test_changed_flag_restarts_only_after_config_and_waits(host_data):
+def test_changed_flag_restarts_only_that_instance_out_of_nginx(host_data):
     data = host_data()
     sim = SimulatedHost(debian(12))
     deploy(plan_fleet([("h1", data)], ["h1"]), "h1", data, sim)
 
     tuned = host_data(vllm_instances=[{"name": "a", "port": 8001, "max_num_seqs": 8}, {"name": "b", "port": 8002}])
     ops = deploy(plan_fleet([("h1", tuned)], ["h1"]), "h1", tuned, sim)
-    names = [op.name for op in changed(ops)]
-    assert names == ["vLLM fleet | vLLM host | Environment of vllm@a",
-                     "vLLM fleet | vLLM host | Restart vllm@a on its new configuration",
-                     "vLLM fleet | vLLM host | Wait for vllm@a /health (up to 900s)"]
+    assert [(op.name.split(" | ")[-1], op.commands) for op in changed(ops)] == [
+        ("Rolling update slot 1/2: out of nginx, drained",
+         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q", "function _run_logged"]),
+        ("Rolling update slot 1/2: switch, restart, prove (or put back)",
+         ["upload <generated> -> /etc/vllm-fleet/instances/a.env.next", "function _run_switch"]),
+        ("Rolling update slot 1/2: back into nginx",
+         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q && systemctl reload nginx"]),
+    ]
+    assert sim.restarts == ["a"] and sim.drained == [["10.9.0.11:8001"]]
+    assert 'ENGINE_ARGS="' in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1]
+    assert "--max-num-seqs 8" in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1]
+    # Taken out while it restarted, and back in: nginx ends on the configuration it started with.
+    conf = sim.files["/etc/nginx/conf.d/vllm-fleet.conf"]["lines"]
+    assert [line.strip() for line in conf if "server 10." in line] == [
+        "server 10.9.0.11:8001 max_fails=1 fail_timeout=10s;", "server 10.9.0.11:8002 max_fails=1 fail_timeout=10s;"]
+    assert changed(deploy(plan_fleet([("h1", tuned)], ["h1"]), "h1", tuned, sim)) == []
 
 
 def test_unsupported_python_is_refused_before_any_operation(host_data):
@@ -124,9 +140,7 @@ def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
                and "sudo -u vllm env HF_HOME=/var/lib/vllm-fleet/hf" in c for c in stage.commands)
     # The unit reads that snapshot offline, by path.
     snapshot = f"/var/lib/vllm-fleet/hf/hub/models--acme--chat-7b/snapshots/{revision}"
-    env = next(op for op in first if op.name.endswith("Environment of vllm@a"))
     assert sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1].startswith(f'ENGINE_ARGS="--model {snapshot} ')
-    assert env.commands
     assert changed(deploy(fleet, "h1", data, sim)) == []
 
 
@@ -151,10 +165,12 @@ def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data)
 
     fewer = host_data(vllm_instances=[{"name": "a", "port": 8001}])
     ops = changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim))
-    # a's cores change (it now has the whole host), and b stops only after nginx has dropped it.
+    # b stops only after nginx has dropped it; a's cores change (it now has the whole host), so
+    # it restarts out of nginx.
     assert [op.name.split(" | ")[-1] for op in ops] == [
-        "Environment of vllm@a", "Restart vllm@a on its new configuration", "Wait for vllm@a /health (up to 900s)",
         "Render the fleet upstream", "Check the nginx configuration", "Reload nginx on its new configuration",
+        "Rolling update slot 1/1: out of nginx, drained", "Rolling update slot 1/1: switch, restart, prove (or put back)",
+        "Rolling update slot 1/1: back into nginx",
         "Stop vllm@b (no longer in the inventory)", "Remove the environment of vllm@b"]
     assert "vllm@b.service" not in sim.running and "vllm@b.service" not in sim.enabled
     assert "/etc/vllm-fleet/instances/b.env" not in sim.files
@@ -183,10 +199,12 @@ def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
     host_plan = plan_fleet([("h1", data)], ["h1"]).hosts[0]
     back = dataclasses.replace(host_plan, lock=dataclasses.replace(host_plan.lock, digest="1" * 64))
     fleet = dataclasses.replace(plan_fleet([("h1", data)], ["h1"]), hosts=(back,))
+    sim.restarts.clear()
     run = commands(deploy(fleet, "h1", data, sim))
     assert not any("wheels.tar" in c or "-m venv" in c for c in run)
     assert sim.links["/opt/vllm-fleet/current"] == venvs[1]
-    assert any(c.startswith("systemctl restart vllm@a") for c in run)
+    assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/instances/b"] == venvs[1]
+    assert sim.restarts == ["a", "b"]
 
 
 def test_garbage_collection_never_removes_a_protected_release():

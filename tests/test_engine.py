@@ -1,19 +1,16 @@
 """Flags, environment and placement rendered from inventory settings (pure functions)."""
 
 import shlex
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from jinja2 import Template
 
 from roles import engine
 from roles.errors import FleetConfigError
 from roles.fleet import Instance, auto_gpus, plan_fleet, split_cores
-from roles.nginx import template_vars
+from roles.nginx import render_conf
 from roles.settings import describe
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def host_plan(host_data, **overrides):
@@ -91,14 +88,23 @@ def test_nginx_config_lists_every_instance_and_is_streaming_safe(host_data):
     fleet = plan_fleet([("h1", host_data()), ("h2", host_data(ssh_hostname="10.9.0.12",
                                                                 vllm_instances=[{"name": "a", "port": 8001}]))],
                        ["h1"])
-    conf = Template((TEMPLATES / "nginx-vllm-fleet.conf.j2").read_text()).render(
-        **template_vars(fleet, {"nginx_read_timeout": 1200}))
+    conf = render_conf(fleet, {"nginx_read_timeout": 1200})
     servers = [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")]
     assert servers == ["10.9.0.11:8001", "10.9.0.11:8002", "10.9.0.12:8001"]
     for directive in ("least_conn;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
                       "proxy_buffering off;", "proxy_read_timeout 1200s;", "keepalive 32;",
                       "proxy_next_upstream error timeout"):
         assert directive in conf
+    assert " down" not in conf
+
+
+def test_nginx_config_marks_restarting_instances_down_and_nothing_else(host_data):
+    fleet = plan_fleet([("h1", host_data())], ["h1"])
+    conf = render_conf(fleet, {}, down={"10.9.0.11:8002"})
+    servers = [line.strip() for line in conf.splitlines() if line.strip().startswith("server 10.")]
+    assert servers == ["server 10.9.0.11:8001 max_fails=1 fail_timeout=10s;",
+                       "server 10.9.0.11:8002 max_fails=1 fail_timeout=10s down;  # restarting"]
+    assert conf.replace(" down;  # restarting", ";") == render_conf(fleet, {})
 
 
 def test_settings_table_documents_every_setting():

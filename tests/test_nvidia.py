@@ -47,7 +47,7 @@ def run(data, sim, name="g1", deploy=site.serve):
     if sim.distro["major"] == 24:  # the lock is for Python 3.11; on 24.04 the operator provides it
         data = {**data, "vllm_python": "/opt/python3.11/bin/python3.11"}
     fleet = plan_fleet([(name, data)], ["lb"])
-    return plan(deploy, fleet, host_name=name, host_data=data, facts=sim.facts(), executed=lambda op: sim.apply([op]))
+    return plan(deploy, fleet, host_name=name, host_data=data, sim=sim)
 
 
 def commands(ops):

@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Health waits and smoke tests, run ON a fleet host (stdlib only: hosts have no extra packages).
 
-    fleet_probe.py wait  --unit vllm@a --port 8001 --timeout 900
-    fleet_probe.py smoke --instance a:8001 ... [--lb-port 80 --model NAME] [--env-dir DIR] [--report]
+    fleet_probe.py wait   --unit vllm@a --port 8001 --timeout 900
+    fleet_probe.py smoke  --instance a:8001 ... [--lb-port 80 --model NAME] [--env-dir DIR] [--report]
+    fleet_probe.py switch --name a --port 8001 --model NAME --link L --target VENV --timeout 900 [--env-dir DIR]
+    fleet_probe.py reload-and-drain --upstream 10.0.0.5:8001 ... --timeout 120
 
 ``wait`` prints progress while an instance loads and, on failure, the unit's last journal
 lines. ``smoke`` prints one JSON object with every check's result; with ``--report`` it exits
 non-zero when a check failed, after printing the failures and the journals of failing units.
+``switch`` moves one instance to its staged environment and release, restarts it and proves
+it (health and a completion); when that fails it puts the previous environment and release
+back and proves those. Its last line is ``RESULT {json}``. ``reload-and-drain`` reloads nginx
+and waits until its old workers have finished every request to the given upstreams.
 Requests go to this host's own loopback only.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +139,13 @@ def check_lb(port: int, model: str, api_key: str | None) -> list[dict]:
     return results
 
 
+def completion(port: int, model: str, api_key: str | None) -> dict:
+    """One real generation on an instance: proves the engine serves, not only that it listens."""
+    status, body = http("POST", port, "/v1/completions",
+                        {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}, api_key=api_key)
+    return {"check": f"completion on port {port}", "ok": status == 200, "detail": f"HTTP {status}"}
+
+
 def run_checks(args: argparse.Namespace) -> list[dict]:
     results, key = [], None
     for spec in args.instance:
@@ -163,6 +178,101 @@ def smoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _point(link: str, target: str) -> None:
+    """Switch a symlink in one step (rename over it): never missing, even for an instant."""
+    os.symlink(target, link + ".new")
+    os.replace(link + ".new", link)
+
+
+def restart_and_prove(unit: str, name: str, port: int, model: str, env_dir: str, timeout: float) -> str | None:
+    """Restart ``unit`` and prove it serves; None when it does, else what failed."""
+    subprocess.run(["systemctl", "restart", unit], check=True)
+    if wait(unit, port, timeout) != 0:
+        return f"{unit} did not become healthy (see its journal above)"
+    key = read_api_key(env_dir, name)
+    failed = [r for r in check_instance(name, port, key) + [completion(port, model, key)] if not r["ok"]]
+    if failed:
+        print(f"{unit}: smoke request failed: {failed}\n{journal(unit)}", file=sys.stderr)
+        return f"{unit} smoke request failed: " + "; ".join(f"{r['check']} {r['detail']}" for r in failed)
+    return None
+
+
+def switch(args: argparse.Namespace) -> int:
+    """The environment file ``<name>.env.next`` and the release ``target`` become the instance's,
+    it restarts and must serve; otherwise the previous environment and release come back."""
+    unit, started = f"vllm@{args.name}", time.monotonic()
+    env, staged, kept = (f"{args.env_dir}/{args.name}.env{suffix}" for suffix in ("", ".next", ".previous"))
+    previous_target = os.readlink(args.link) if os.path.islink(args.link) else None
+    os.replace(env, kept)
+    os.replace(staged, env)
+    _point(args.link, args.target)
+    failure = restart_and_prove(unit, args.name, args.port, args.model, args.env_dir, args.timeout)
+    if failure is None:
+        os.remove(kept)
+        outcome = {"outcome": "switched", "detail": f"{unit} serves from {args.target}"}
+    else:
+        print(f"{unit}: {failure}; putting back its previous release {previous_target}", file=sys.stderr, flush=True)
+        os.replace(kept, env)
+        _point(args.link, previous_target)
+        back = restart_and_prove(unit, args.name, args.port, args.model, args.env_dir, args.timeout)
+        outcome = {"outcome": "reverted" if back is None else "broken",
+                   "detail": failure if back is None else f"{failure}; and on its previous release: {back}"}
+    outcome["seconds"] = round(time.monotonic() - started, 1)
+    print("RESULT " + json.dumps(outcome), flush=True)
+    return 0
+
+
+def _nginx_workers() -> dict[int, str]:
+    """nginx worker processes by pid, with their title ("nginx: worker process[ is shutting down]")."""
+    workers = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                title = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if title.startswith("nginx: worker process"):
+            workers[int(pid)] = title
+    return workers
+
+
+def _hex_endpoint(address: str, port: int) -> str:
+    """An IPv4 endpoint as /proc/net/tcp writes it: address bytes little-endian, port big-endian."""
+    return "".join(f"{int(octet):02X}" for octet in reversed(address.split("."))) + f":{port:04X}"
+
+
+def connections_to(upstreams: list[str]) -> int:
+    """Established TCP connections from this host to any of ``upstreams`` (HOST:PORT, IPv4)."""
+    wanted = set()
+    for upstream in upstreams:
+        name, port = upstream.rsplit(":", 1)
+        # nginx resolved a host name once, at reload; so does this.
+        wanted.add(_hex_endpoint(socket.gethostbyname(name), int(port)))
+    with open("/proc/net/tcp") as fh:
+        rows = [line.split() for line in fh.readlines()[1:]]
+    return sum(1 for row in rows if row[2] in wanted and row[3] == "01")
+
+
+def reload_and_drain(args: argparse.Namespace) -> int:
+    """Reload nginx, then wait until the old workers took no new request (they are shutting down
+    or gone) and no connection to the given upstreams is left: their requests are finished."""
+    started = time.monotonic()
+    old = set(_nginx_workers())
+    subprocess.run(["systemctl", "reload", "nginx"], check=True)
+    deadline = started + args.timeout
+    while time.monotonic() < deadline:
+        workers = _nginx_workers()
+        accepting_old = [pid for pid in old if workers.get(pid) == "nginx: worker process"]
+        remaining = connections_to(args.upstream)
+        if not accepting_old and remaining == 0:
+            print(f"drained {', '.join(args.upstream)} in {time.monotonic() - started:.1f}s")
+            return 0
+        time.sleep(0.2)
+    print(f"{', '.join(args.upstream)}: {connections_to(args.upstream)} connection(s) still open after "
+          f"{args.timeout:.0f}s; going on (nginx_drain_timeout)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,9 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--env-dir", default="/etc/vllm-fleet/instances", help="where instance API keys are")
     s.add_argument("--settle", type=float, default=20, help="seconds to retry failing checks")
     s.add_argument("--report", action="store_true")
+    sw = sub.add_parser("switch")
+    sw.add_argument("--name", required=True, help="instance name: unit vllm@NAME, environment NAME.env")
+    sw.add_argument("--port", type=int, required=True)
+    sw.add_argument("--model", required=True, help="served model name for the smoke completion")
+    sw.add_argument("--link", required=True, help="the instance's release link")
+    sw.add_argument("--target", required=True, help="release venv the link points to after the switch")
+    sw.add_argument("--timeout", type=float, required=True)
+    sw.add_argument("--env-dir", default="/etc/vllm-fleet/instances")
+    d = sub.add_parser("reload-and-drain")
+    d.add_argument("--upstream", action="append", required=True, help="ADDRESS:PORT taken out of nginx")
+    d.add_argument("--timeout", type=float, required=True)
     args = parser.parse_args(argv)
     if args.command == "wait":
         return wait(args.unit, args.port, args.timeout)
+    if args.command == "switch":
+        return switch(args)
+    if args.command == "reload-and-drain":
+        return reload_and_drain(args)
     return smoke(args)
 
 
