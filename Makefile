@@ -8,8 +8,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RELEASE := cpu-vllm-0.32.0
+# The release the lab's rolling-update test upgrades to and rolls back from.
+NEXT_RELEASE := cpu-vllm-0.32.0-tf5.18
 MODEL := .cache/models/tiny-llama
 LAB_HOSTS ?= 2
+# torch of the lab release, for the GPU probe's all-reduce run on CPU processes (gloo) in tests.
+PROBE_VENV := .cache/probe-venv
 
 .PHONY: setup lab test unit lab-down
 
@@ -29,15 +33,23 @@ lab: setup $(MODEL)/config.json
 	$(VENV)/bin/pyinfra -y inventories/lab.py deploys/vllm.py
 	$(PY) -m roles.cli howto
 
-unit: setup
-	$(PY) -m pytest -q -m "not lab"
+# Installed from the release's own wheelhouse, offline and ignoring local pip configuration.
+$(PROBE_VENV)/.installed: inventories/releases/$(RELEASE).lock | setup
+	$(PYTHON) -m venv --clear $(PROBE_VENV)
+	PIP_CONFIG_FILE=/dev/null $(PROBE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-index \
+		--find-links "$$($(PY) -m roles.release wheelhouse $(RELEASE) | tail -1)" torch numpy
+	touch $@
 
-test: setup $(MODEL)/config.json
+unit: setup $(PROBE_VENV)/.installed
+	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
+
+test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
-	$(PY) -m pytest -q -m "not lab"
+	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
 	$(PY) -m roles.release wheelhouse $(RELEASE)
-	$(PY) -m pytest -v -s -m lab tests/test_lab.py tests/test_lab_e2e.py tests/test_lab_capacity.py
+	$(PY) -m roles.release wheelhouse $(NEXT_RELEASE)
+	$(PY) -m pytest -v -s -m lab tests/test_lab.py tests/test_lab_e2e.py tests/test_lab_capacity.py tests/test_lab_rollout.py
 
 lab-down: setup
 	$(PY) -m roles.lab down

@@ -22,6 +22,19 @@ BURNIN_REFERENCE: dict[str, dict[str, float]] = {
 }
 BURNIN_THRESHOLD = 0.85  # a host below 85% of the reference on any measurement fails
 
+# All-reduce bus bandwidth in GB/s (nccl-tests convention, at the probe's largest size) per GPU
+# name, for hosts whose GPUs of that name all talk over NVLink. SXM Hopper boards (H100, H200) on
+# NVSwitch: NCCL gets ~370 GB/s of NVLink 4's 450 GB/s line rate with the ring algorithm, and a
+# peak of ~480 GB/s with NVLink SHARP on 8 GPUs (NCCL's maintainer in NVIDIA/nccl-tests#212;
+# 475 GB/s measured on 8x H200 in NVIDIA/nccl-tests#272). The reference is the ring figure
+# rounded down, so any GPU count and algorithm of a healthy board passes, while GPUs that fall
+# back to PCIe (at most ~50 GB/s at gen5 x16) or to copies through host memory fail by far.
+# Not measured here: the lent machines have one GPU. PCIe-only boards need their own measured entry.
+ALLREDUCE_REFERENCE: dict[str, float] = {
+    "NVIDIA H200": 350.0,
+    "NVIDIA H100 80GB HBM3": 350.0,
+}
+
 
 @dataclass(frozen=True)
 class GpuExpectation:
@@ -122,6 +135,29 @@ def burnin_checks(result: Mapping[str, Any], reference: Mapping[str, float] | No
     return [Check(f"burn-in {key}", result[key] >= threshold * ref,
                   f"{result[key]:.1f} = {result[key] / ref:.0%} of {ref:g}", result["device"])
             for key, ref in reference.items()]
+
+
+def allreduce_checks(result: Mapping[str, Any], reference: float | None = None,
+                     threshold: float = BURNIN_THRESHOLD) -> list[Check]:
+    """The all-reduce across the host's GPUs (gpu_probe.py allreduce) against the bus bandwidth
+    reference for this GPU model: a hang or a failing rank fails, one GPU is not applicable."""
+    ranks = f"{result['world_size']} ranks of {result['backend']}"
+    if "error" in result:
+        return [Check("all-reduce", False, f"{result['error']} ({ranks}). The GPUs cannot all-reduce "
+                                           "together: check `nvidia-smi topo -m`, the fabric manager on "
+                                           "NVSwitch hosts, and NCCL_P2P_DISABLE in the environment.")]
+    if result["world_size"] == 1:
+        return [Check("all-reduce", True, "not applicable (one GPU: nothing crosses a link)")]
+    name = result["devices"][0]
+    if reference is None:
+        reference = ALLREDUCE_REFERENCE.get(name)
+    if reference is None:
+        return [Check("all-reduce reference", False, f"no reference for {name}: add one to ALLREDUCE_REFERENCE")]
+    largest = max(result["sizes"], key=lambda s: s["bytes"])
+    busbw = largest["busbw_gb_s"]
+    return [Check("all-reduce bus bandwidth", busbw >= threshold * reference,
+                  f"{busbw:.1f} GB/s = {busbw / reference:.0%} of {reference:g} ({ranks} on {name}, "
+                  f"{largest['bytes'] >> 20} MiB of {result['dtype']})")]
 
 
 def table(host: str, checks: list[Check]) -> str:

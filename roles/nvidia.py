@@ -3,8 +3,9 @@
 Order on a host: refuse what cannot work before any change (no NVIDIA GPU on the PCI bus,
 Secure Boot without a module signing key), install the pinned driver, reboot only when the
 loaded module is not the pinned one (and only if the inventory allows it), then the NVML
-health checks and, on first onboarding or on request, the burn-in. A failing check stops
-that host with its table; the rest of the fleet goes on.
+health checks and, on first onboarding or on request, the burn-in (with an NCCL all-reduce
+across the GPUs of a multi-GPU host). A failing check stops that host with its table; the rest
+of the fleet goes on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from roles.facts import AptHolds, NvidiaModuleVersion, PciNvidia, SecureBoot
 from roles.fleet import HostPlan
 from roles.platform import APT_INSTALL_ARGS
 from roles.gates import failure, stop_host
-from roles.gpu_health import GpuExpectation, burnin_checks, health_checks, table
+from roles.gpu_health import GpuExpectation, allreduce_checks, burnin_checks, health_checks, table
 from roles.release import Driver
 
 GPU_PROBE = Path(__file__).resolve().parent / "files" / "gpu_probe.py"
@@ -39,6 +40,9 @@ PIN_FILE = "/etc/apt/preferences.d/nvidia-driver"
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 # Health records per host; the burn-in record also marks a host as onboarded.
 RECORD_DIR = "/var/lib/vllm-fleet/gpu"
+# A healthy all-reduce of 8 GPUs takes well under a minute, NCCL setup included; past this the
+# GPUs are taken to hang (a missing fabric manager, a broken link) and the host fails.
+ALLREDUCE_TIMEOUT_S = 180
 # Per-host JSON records of the NVML gate, on the control node, relative to where pyinfra runs.
 LOCAL_RECORDS = Path(".cache/gpu-health")
 # Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
@@ -144,7 +148,15 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
     if all(c.ok for c in checks) and (burnin or host.get_fact(FileContents, path=record) is None):
         result = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} burnin"))
         checks += burnin_checks(result)
-        yield StringCommand(f"mkdir -p {record_dir} && echo {shlex.quote(json.dumps(result))} > {record}")
+        records = {record: result}
+        if expect.count > 1:  # tensor parallelism needs the GPUs to all-reduce together at NVLink speed
+            allreduce = json.loads(host.get_fact(Command, command=(
+                f"{python} {GPU_PROBE_PATH} allreduce --backend nccl --world-size {expect.count} "
+                f"--timeout {ALLREDUCE_TIMEOUT_S}")))
+            checks += allreduce_checks(allreduce)
+            records[f"{record_dir}/allreduce.json"] = allreduce
+        yield StringCommand(f"mkdir -p {record_dir} && " + " && ".join(
+            f"echo {shlex.quote(json.dumps(value))} > {path}" for path, value in records.items()))
     report = table(host.name, checks)
     write_record(host.name, readings, checks)
     if not all(c.ok for c in checks):
