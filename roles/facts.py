@@ -58,13 +58,14 @@ class AptHolds(FactBase):
         return [line.strip() for line in output if line.strip()]
 
 
-class InstalledReleases(FactBase):
-    """Complete release venvs under a folder (their install marker written), newest first."""
+class CompleteDirs(FactBase):
+    """Folders under ``parent`` whose ``marker`` file is written (release venvs, staged models),
+    newest first."""
 
     default = list
 
-    def command(self, venvs_dir: str) -> str:
-        return f"ls -1t {venvs_dir}/*/.lock-digest 2>/dev/null || true"
+    def command(self, parent: str, marker: str) -> str:
+        return f"ls -1t {parent}/*/{marker} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> list[str]:
         return [line.strip().rsplit("/", 1)[0] for line in output if line.strip()]
@@ -86,3 +87,15 @@ class InstanceReleases(FactBase):
             # Venvs made before releases were named on hosts are known by their lock digest.
             found[name] = {"venv": venv, "release": release[0] if release else venv.rsplit("/", 1)[-1]}
         return found
+
+
+class InstanceModels(FactBase):
+    """Model folders the instances' environment files name (--model)."""
+
+    default = set
+
+    def command(self, env_dir: str) -> str:
+        return f"cat {env_dir}/*.env 2>/dev/null | grep -o -- '--model [^ \"]*' || true"
+
+    def process(self, output: list[str]) -> set[str]:
+        return {line.split()[1] for line in output if line.strip()}

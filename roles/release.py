@@ -493,9 +493,9 @@ def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str 
 # --- releases kept on a host -------------------------------------------------------------------
 
 
-def releases_to_remove(installed_newest_first: list[str], keep: int, protected: set[str]) -> list[str]:
-    """Release venvs to delete on a host: all but the ``keep`` newest, never a protected one (the
-    release in use, the one being switched to, the one the running instances still use)."""
+def dirs_to_remove(installed_newest_first: list[str], keep: int, protected: set[str]) -> list[str]:
+    """Release venvs (or staged models) to delete on a host: all but the ``keep`` newest, never a
+    protected one (the one being switched to, one an instance uses, the host's current one)."""
     unprotected = [venv for venv in installed_newest_first if venv not in protected]
     room = max(keep - len(protected & set(installed_newest_first)), 0)
     return unprotected[room:]

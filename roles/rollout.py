@@ -29,7 +29,7 @@ from pathlib import Path
 from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, deploy, operation
 from pyinfra.api.state import State
-
+from pyinfra.context import ctx_state
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Command
 from pyinfra.facts.systemd import SystemdStatus
@@ -39,7 +39,6 @@ from roles.facts import InstanceReleases
 from roles.fleet import FleetPlan, HostPlan
 
 REPORT_PATH = Path(".cache/rollout-report.json")
-
 
 
 @dataclass(frozen=True)
@@ -127,10 +126,10 @@ _RUNS: "weakref.WeakKeyDictionary[State, Rollout]" = weakref.WeakKeyDictionary()
 
 def for_run(plan: FleetPlan) -> Rollout:
     """The rollout of the current pyinfra run (one per State: tests run several in one process)."""
-    rollout = _RUNS.get(state)
-    if rollout is None or rollout.plan is not plan:
-        rollout = _RUNS[state] = Rollout.for_plan(plan)
-    return rollout
+    run = ctx_state.get()  # the State itself, not pyinfra's context proxy for it
+    if run not in _RUNS:
+        _RUNS[run] = Rollout.for_plan(plan)
+    return _RUNS[run]
 
 
 # ---- operations, added on every host in the same order ---------------------------------------------
@@ -153,7 +152,12 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
     active = host.get_fact(SystemdStatus, services=[f"vllm@{name}.service" for name in env_texts])
     for_all = host_changes() if state.is_executing else None
     to_check = {}
-    for member in (m for m in rollout.members if m.host == host.name):
+    mine = [m for m in rollout.members if m.host == host.name]
+    # Decided again at execute time (after pyinfra's change detection): what counts is the host now.
+    rollout.refusals.pop(host.name, None)
+    for member in mine:
+        rollout.pending.pop(member, None)
+    for member in mine:
         env = host.get_fact(FileContents, path=f"{env_dir}/{member.name}.env")
         link = links.get(member.name)
         on_target = link is not None and link["venv"] == target

@@ -26,6 +26,8 @@ def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | 
     mine = plan.host(host_name)
     for inst in mine.instances if mine else ():
         args += ["--instance", f"{inst.name}:{inst.port}"]
+    if mine and mine.instances:
+        args += ["--wait-healthy", str(mine.get("vllm_start_timeout"))]
     if host_name in plan.lb_hosts:
         args += ["--lb-port", str(settings.value(data, "nginx_listen_port")), "--model", plan.served_model_name]
     if args == base:

@@ -18,9 +18,9 @@ from pyinfra.operations import apt, files, server, systemd
 
 from roles import engine, fleet, platform
 from roles.fleet import HostPlan, Model
-from roles.facts import InstalledReleases, InstanceReleases
+from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
 from roles.rollout import Member, Rollout, decide
-from roles.release import Lock, build_wheelhouse, host_install_command, releases_to_remove
+from roles.release import Lock, build_wheelhouse, dirs_to_remove, host_install_command
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PROBE = Path(__file__).resolve().parent / "files" / "fleet_probe.py"
@@ -102,8 +102,11 @@ def release(plan: HostPlan):
 
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
                         lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
-    old_releases(name=f"Keep the newest {plan.get('vllm_keep_releases')} releases", install_dir=install_dir,
-                 keep=plan.get("vllm_keep_releases"), target=plan.venv_dir)
+    links_dir = f"{install_dir}/instances"
+    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} release venvs", parent=f"{install_dir}/venvs",
+          marker=".lock-digest", keep=plan.get("vllm_keep_releases"), protected=lambda: {
+              plan.venv_dir, *(link["venv"] for link in host.get_fact(InstanceReleases, links_dir=links_dir).values()),
+              *filter(None, [(host.get_fact(Link, path=f"{install_dir}/current") or {}).get("link_target")])})
     return venv
 
 
@@ -123,14 +126,12 @@ def release_link(path: str, target: str, still_elsewhere):
 
 
 @operation()
-def old_releases(install_dir: str, keep: int, target: str):
-    """Remove release venvs beyond the newest ``keep``; never the one being rolled to, one an
-    instance runs, or the one the host's ``current`` link points at."""
-    in_use = {link["venv"] for link in host.get_fact(InstanceReleases, links_dir=f"{install_dir}/instances").values()}
-    current = (host.get_fact(Link, path=f"{install_dir}/current") or {}).get("link_target")
-    protected = {target, *in_use, *([current] if current else [])}
-    for venv in releases_to_remove(host.get_fact(InstalledReleases, venvs_dir=f"{install_dir}/venvs"), keep, protected):
-        yield StringCommand(f"rm -rf {venv}")
+def prune(parent: str, marker: str, keep: int, protected):
+    """Remove the folders under ``parent`` (release venvs, staged models) beyond the newest
+    ``keep``; never one of ``protected()``, read at execute time: the one being rolled to, the
+    ones instances use, the host's current one."""
+    for folder in dirs_to_remove(host.get_fact(CompleteDirs, parent=parent, marker=marker), keep, protected()):
+        yield StringCommand(f"rm -rf {folder}")
 
 
 @operation()
@@ -160,6 +161,11 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     model = staged_model(name=f"Model {plan.model.served_name}", model=plan.model, dest=plan.model_dir,
                          venv_dir=plan.venv_dir, user=user, hf_home=f"{data_dir}/hf")
+    # Pushed models are kept like releases; hub snapshots share blobs in the Hugging Face cache,
+    # which its own tools prune.
+    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} staged models", parent=f"{data_dir}/models",
+          marker=DIGEST_FILE, keep=plan.get("vllm_keep_releases"),
+          protected=lambda: {plan.model_dir, *host.get_fact(InstanceModels, env_dir=ENV_DIR)})
     for src, dest in ((PROBE, PROBE_PATH), (CHECK_ARGS, CHECK_ARGS_PATH)):
         files.put(name=f"Install {src.name}", src=str(src), dest=dest, mode="755", create_remote_dir=True)
     unit = files.template(name="Render the vllm@.service template unit",

@@ -73,3 +73,10 @@ def no_wheel_download(tmp_path):
     (wheelhouse / "wheels.tar").write_bytes(b"\0" * 1024)
     with mock.patch("roles.vllm.build_wheelhouse", return_value=wheelhouse):
         yield
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Deploy tests run where pyinfra would, in a scratch folder: the roles write records under
+    .cache/ there (GPU health, the rollout report), never into the repository's."""
+    monkeypatch.chdir(tmp_path)

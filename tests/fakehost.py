@@ -12,6 +12,7 @@ import hashlib
 from fnmatch import fnmatch
 import json
 import shlex
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from unittest import mock
 
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.state import StateStage
+from pyinfra.api.util import PYINFRA_INSTALL_DIR
 from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
 from pyinfra.api.host import Host
 from pyinfra.connectors.util import CommandOutput, OutputLine
@@ -46,6 +48,18 @@ def _render(command) -> str:
     return repr(command)
 
 
+def _op_order_from_code(state) -> list[int]:
+    """pyinfra's CLI operation order (line numbers of the calling code, outermost first, pyinfra's
+    and other installed packages' frames left out), without ``inspect.stack()``'s source reads,
+    which make a deploy of a hundred operations take seconds."""
+    lines, frame = [], sys._getframe(1)
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(PYINFRA_INSTALL_DIR):
+            lines.append(frame.f_lineno)
+        frame = frame.f_back
+    return [state.current_op_file_number, *reversed(lines)]
+
+
 def run_fleet(deploy_func, *args, hosts: dict[str, tuple[dict, "SimulatedHost"]], **kwargs) -> list[tuple[str, PlannedOp]]:
     """Run ``deploy_func`` for several simulated hosts as one pyinfra run: every operation in
     pyinfra's fleet-wide order, each host's commands applied to its simulated host as they are
@@ -70,7 +84,8 @@ def run_fleet(deploy_func, *args, hosts: dict[str, tuple[dict, "SimulatedHost"]]
     # CLI mode: operations are identified by their place in the code (as when pyinfra runs a
     # deploy file), so the same call on two hosts is one fleet-wide operation.
     with mock.patch.object(Host, "get_fact", get_fact), mock.patch.object(Host, "run_shell_command", run_shell_command), \
-            mock.patch("pyinfra.is_cli", True), ctx_state.use(state):
+            mock.patch("pyinfra.is_cli", True), \
+            mock.patch("pyinfra.api.operation.get_operation_order_from_stack", _op_order_from_code), ctx_state.use(state):
         state.set_stage(StateStage.Prepare)
         for host in inventory:
             # What pyinfra's CLI does with a deploy file: run it once per host, in that host's context.
@@ -172,9 +187,12 @@ class SimulatedHost:
             "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
             "FindFiles": lambda path, fname="*", maxdepth=None: sorted(
                 f for f in self.files if f.startswith(path.rstrip("/") + "/") and fnmatch(Path(f).name, fname)),
-            "InstalledReleases": lambda venvs_dir: sorted(
-                (f.rsplit("/", 1)[0] for f in self.files if f.startswith(venvs_dir + "/") and f.endswith("/.lock-digest")),
-                key=lambda d: -self.files[d + "/.lock-digest"]["order"]),
+            "CompleteDirs": lambda parent, marker: sorted(
+                (f.rsplit("/", 1)[0] for f in self.files if f.startswith(parent + "/") and f.endswith("/" + marker)),
+                key=lambda d: -self.files[f"{d}/{marker}"]["order"]),
+            "InstanceModels": lambda env_dir: {
+                line.split("--model ")[1].split()[0] for path, f in self.files.items()
+                if path.startswith(env_dir + "/") and path.endswith(".env") for line in f["lines"] if "--model " in line},
             "Users": self.users, "Groups": [], "DebPackages": self.packages,
             "PciNvidia": {"gpus": self.gpu.pci_gpus, "nvswitches": self.gpu.nvswitches},
             "NvidiaModuleVersion": lambda: self.gpu.loaded, "SecureBoot": self.gpu.secure_boot,

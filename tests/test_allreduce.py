@@ -20,10 +20,8 @@ from roles.gpu_health import ALLREDUCE_REFERENCE, allreduce_checks, table
 from roles.nvidia import ALLREDUCE_TIMEOUT_S, GPU_PROBE
 from test_nvidia import BURNIN, READINGS, commands, run, stops
 
-# The NVIDIA role tests' fixtures, shared: an H200 host's inventory data, and the scratch folder
-# (autouse) that the gate writes its control-node record into.
+# The NVIDIA role tests' fixture, shared: an H200 host's inventory data.
 h200_host_data = test_nvidia.gpu_data
-in_tmp = test_nvidia.in_tmp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gpu"
 
@@ -156,7 +154,7 @@ class TwoGpuHost(SimulatedHost):
         return super()._command(command)
 
 
-@pytest.mark.usefixtures("no_wheel_download")
+@pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 def test_two_gpu_host_onboards_after_a_healthy_allreduce(h200_host_data):
     sim = TwoGpuHost(h200s(2, 370.0))
     run_ = commands(run(h200_host_data(vllm_gpu_count=2), sim, deploy=site.onboard))
@@ -166,7 +164,7 @@ def test_two_gpu_host_onboards_after_a_healthy_allreduce(h200_host_data):
     assert json.loads(sim.files["/var/lib/vllm-fleet/gpu/allreduce.json"]["lines"][0])["world_size"] == 2
 
 
-@pytest.mark.usefixtures("no_wheel_download")
+@pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 def test_two_gpu_host_whose_allreduce_hangs_is_stopped(h200_host_data):
     hung = dict(recorded("h200-allreduce-stalled-rank.json"), world_size=2)
     stop = stops(commands(run(h200_host_data(vllm_gpu_count=2), TwoGpuHost(hung), deploy=site.onboard)))

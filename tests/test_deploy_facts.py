@@ -12,7 +12,7 @@ from roles import site
 from roles.errors import FleetConfigError
 from roles.fleet import plan_fleet
 
-pytestmark = pytest.mark.usefixtures("no_wheel_download")
+pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
 
 def deploy(fleet, name, data, sim):
@@ -125,7 +125,7 @@ def test_failing_smoke_test_fails_the_deploy_with_the_report(host_data):
     smoke = next(op for op in bad if op.name.endswith("Smoke test"))
     assert smoke.commands == ["python3 /usr/local/lib/vllm-fleet/fleet_probe.py smoke --env-dir "
                               "/etc/vllm-fleet/instances --instance a:8001 --instance b:8002 "
-                              "--lb-port 80 --model tiny --report"]
+                              "--wait-healthy 900 --lb-port 80 --model tiny --report"]
 
 
 def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
@@ -208,10 +208,34 @@ def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
 
 
 def test_garbage_collection_never_removes_a_protected_release():
-    from roles.release import releases_to_remove
+    from roles.release import dirs_to_remove
     newest_first = ["/v/e", "/v/d", "/v/c", "/v/b", "/v/a"]
-    assert releases_to_remove(newest_first, keep=3, protected={"/v/e"}) == ["/v/b", "/v/a"]
+    assert dirs_to_remove(newest_first, keep=3, protected={"/v/e"}) == ["/v/b", "/v/a"]
     # In use is the oldest (a rollback target): it stays, and counts towards what is kept.
-    assert releases_to_remove(newest_first, keep=2, protected={"/v/a", "/v/e"}) == ["/v/d", "/v/c", "/v/b"]
-    assert releases_to_remove(newest_first, keep=1, protected={"/v/c", "/v/d"}) == ["/v/e", "/v/b", "/v/a"]
-    assert releases_to_remove(newest_first, keep=0, protected=set()) == newest_first
+    assert dirs_to_remove(newest_first, keep=2, protected={"/v/a", "/v/e"}) == ["/v/d", "/v/c", "/v/b"]
+    assert dirs_to_remove(newest_first, keep=1, protected={"/v/c", "/v/d"}) == ["/v/e", "/v/b", "/v/a"]
+    assert dirs_to_remove(newest_first, keep=0, protected=set()) == newest_first
+
+
+def test_staged_models_are_kept_like_releases_and_never_removed_while_in_use(host_data, tmp_path):
+    sim = SimulatedHost(debian(12))
+    first = host_data(vllm_keep_releases=1)
+    deploy(plan_fleet([("h1", first)], ["h1"]), "h1", first, sim)
+    old_dir = plan_fleet([("h1", first)], ["h1"]).hosts[0].model_dir
+
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    (retrained / "config.json").write_text(TINY_CONFIG.read_text())
+    (retrained / "model.safetensors").write_bytes(b"\1" * 64)
+    second = host_data(vllm_keep_releases=1, vllm_model_path=str(retrained))
+    fleet = plan_fleet([("h1", second)], ["h1"])
+    new_dir = fleet.hosts[0].model_dir
+
+    def staged():
+        return {f.rsplit("/", 1)[0] for f in sim.files if f.endswith("/.vllm-fleet-digest")}
+
+    deploy(fleet, "h1", second, sim)
+    # Staged before the instances moved to it: the old one was in use then, so it stayed.
+    assert staged() == {old_dir, new_dir} and sim.restarts == ["a", "b"]
+    deploy(fleet, "h1", second, sim)
+    assert staged() == {new_dir}

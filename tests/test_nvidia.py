@@ -19,13 +19,7 @@ READINGS = json.loads((FIXTURES / "h200-readings.json").read_text())
 BURNIN = json.loads((FIXTURES / "h200-burnin.json").read_text())
 REPO = "https://cuda-mirror.example/compute/cuda/repos"
 
-pytestmark = pytest.mark.usefixtures("no_wheel_download")
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Run where pyinfra would, in a scratch folder: the gate writes .cache/gpu-health/HOST.json."""
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
 
 @pytest.fixture

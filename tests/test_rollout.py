@@ -12,7 +12,7 @@ from roles.errors import FleetConfigError
 from roles.fleet import check_run_limit, plan_fleet
 from roles.rollout import Member, schedule, slot_count
 
-pytestmark = pytest.mark.usefixtures("no_wheel_download")
+pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
 CONF = "/etc/nginx/conf.d/vllm-fleet.conf"
 

@@ -157,7 +157,17 @@ def run_checks(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def wait_healthy(ports: list[int], timeout: float) -> None:
+    """Wait until every port answers /health: instances this deploy did not start may still be
+    loading (the host just booted, or systemd restarted one)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while http("GET", port, "/health", timeout=5)[0] != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+
+
 def smoke(args: argparse.Namespace) -> int:
+    wait_healthy([int(spec.rsplit(":", 1)[1]) for spec in args.instance], args.wait_healthy)
     # A reload hands connections to new nginx workers gradually: for a few seconds an old
     # worker may still answer with the previous configuration. Retry until the checks pass
     # or the settle time is over.
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model")
     s.add_argument("--env-dir", default="/etc/vllm-fleet/instances", help="where instance API keys are")
     s.add_argument("--settle", type=float, default=20, help="seconds to retry failing checks")
+    s.add_argument("--wait-healthy", type=float, default=0, help="seconds to wait for loading instances first")
     s.add_argument("--report", action="store_true")
     sw = sub.add_parser("switch")
     sw.add_argument("--name", required=True, help="instance name: unit vllm@NAME, environment NAME.env")
