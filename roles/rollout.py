@@ -30,7 +30,7 @@ from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, deploy, operation
 from pyinfra.api.state import State
 from pyinfra.context import ctx_state
-from pyinfra.facts.files import FileContents
+from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Command
 from pyinfra.facts.systemd import SystemdStatus
 
@@ -180,7 +180,12 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
         if reasons:
             rollout.pending[member] = ", ".join(reasons)
             host.log_styled(f"vllm@{member.name} will restart: {rollout.pending[member]}", fg="blue")
-    refused = _refused_flags(f"{target}/bin/python", check_script, to_check) if to_check else {}
+    python = f"{target}/bin/python"
+    if to_check and not state.is_executing and host.get_fact(File, path=python) is None:
+        # Change detection (--dry) before the new release is installed: it checks them when it runs.
+        host.log_styled(f"the flags of {', '.join(to_check)} are checked once {target_release} is installed")
+        to_check = {}
+    refused = _refused_flags(python, check_script, to_check) if to_check else {}
     if refused:
         rollout.refusals[host.name] = "; ".join(f"vllm@{name}: {error}" for name, error in refused.items())
         host.log_styled(f"{target_release} refuses the flags of {rollout.refusals[host.name]}; no instance "
