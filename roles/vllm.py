@@ -1,8 +1,9 @@
-"""The vLLM role: a pinned release venv, the staged model, and one systemd unit per instance.
+"""The vLLM role: pinned release venvs side by side, staged models, one systemd unit per instance.
 
-Idempotency comes from facts read at execute time: the venv records the digest of the lock
-it was built from, the model directory the digest of its checksum list, so an unchanged
-release or model is neither pushed nor reinstalled, and no instance is restarted.
+Idempotency comes from facts read at execute time: a venv records the digest of the lock it
+was built from, a model directory the digest of its checksum list, so an unchanged release or
+model is neither pushed nor reinstalled. Each instance runs the release its own link points
+at; new instances start here, changed ones restart in the rolling update (roles/rollout.py).
 """
 
 from __future__ import annotations
