@@ -37,6 +37,7 @@ class Fleet:
                      "h2": host_data(ssh_hostname="10.9.0.12", vllm_instances=[{"name": "a", "port": 8001}], **data)}
         self.sims = {name: SimulatedHost(debian(12)) for name in self.data}
         self.lock_digest = None
+        self.upgraded = {"h1", "h2"}  # hosts the new release is pinned on
 
     def plan(self):
         fleet = plan_fleet(list(self.data.items()), ["h1"])
@@ -44,7 +45,7 @@ class Fleet:
             return fleet
         # Another release is another lock digest, hence another venv on the hosts.
         hosts = tuple(dataclasses.replace(h, lock=dataclasses.replace(h.lock, digest=self.lock_digest))
-                      for h in fleet.hosts)
+                      if h.name in self.upgraded else h for h in fleet.hosts)
         return dataclasses.replace(fleet, hosts=hosts)
 
     def deploy(self):
@@ -138,6 +139,24 @@ def test_flags_the_new_release_refuses_stop_everything_before_a_restart(host_dat
     report = {name: op.commands for name, op in timeline if op.name.endswith("Fleet release report")}
     assert "flags refused: vllm@a: vllm serve: error: unrecognized arguments" in report["h2"][0]
     assert report["h1"] == []
+
+
+def test_partial_upgrade_moves_only_the_hosts_pinned_to_the_new_release(host_data):
+    fleet = Fleet(host_data)
+    fleet.deploy()
+    old = fleet.venv("h1")
+    fleet.lock_digest, fleet.upgraded = "9" * 64, {"h2"}
+    timeline = fleet.deploy()
+    assert fleet.sims["h1"].restarts == [] and fleet.sims["h2"].restarts == ["a"]
+    assert fleet.links() == {("h1", "a"): old, ("h1", "b"): old, ("h2", "a"): fleet.venv("h2")}
+    assert fleet.sims["h1"].links["/opt/vllm-fleet/current"] == old
+    assert fleet.sims["h2"].links["/opt/vllm-fleet/current"] == fleet.venv("h2") != old
+    # Drained through the load balancer although its own instances stay as they are.
+    assert fleet.sims["h1"].drained == [["10.9.0.12:8001"]]
+    assert [s for s in steps(timeline) if "Rolling update" in s[1]] == [
+        ("h1", "Rolling update slot 1/3: out of nginx, drained"),
+        ("h2", "Rolling update slot 1/3: switch, restart, prove (or put back)"),
+        ("h1", "Rolling update slot 1/3: back into nginx")]
 
 
 def test_batches_after_the_canary(host_data):
