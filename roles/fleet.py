@@ -98,6 +98,11 @@ class HostPlan:
         return self.model.host_dir(self.get("vllm_data_dir"))
 
 
+def endpoint(address: str, port: int) -> str:
+    """ADDRESS:PORT as nginx and the drain probe take it (an IPv6 address in brackets)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 @dataclass(frozen=True)
 class FleetPlan:
     hosts: tuple[HostPlan, ...]
@@ -105,9 +110,9 @@ class FleetPlan:
     served_model_name: str
 
     @property
-    def upstreams(self) -> list[tuple[str, int]]:
-        """Every instance of the fleet as (address, port): the load balancer's upstream."""
-        return [(h.address, i.port) for h in self.hosts for i in h.instances]
+    def upstreams(self) -> list[str]:
+        """Every instance of the fleet as nginx addresses it: the load balancer's upstream."""
+        return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances]
 
     def host(self, name: str) -> HostPlan | None:
         return next((h for h in self.hosts if h.name == name), None)

@@ -36,7 +36,7 @@ from pyinfra.facts.systemd import SystemdStatus
 
 from roles import gates, nginx, settings
 from roles.facts import InstanceReleases
-from roles.fleet import FleetPlan, HostPlan
+from roles.fleet import FleetPlan, HostPlan, endpoint
 
 REPORT_PATH = Path(".cache/rollout-report.json")
 
@@ -55,7 +55,7 @@ class Member:
 
     @property
     def upstream(self) -> str:
-        return f"{self.address}:{self.port}"
+        return endpoint(self.address, self.port)
 
 
 def slot_count(instances: int, batch_size: int) -> int:

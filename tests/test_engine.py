@@ -132,3 +132,11 @@ def test_two_instances_claiming_one_gpu_are_refused(host_data, nvidia_releases):
                   vllm_accelerator="nvidia", vllm_gpu_type="h100-sxm", nvidia_repo_url="https://m.example/r",
                   vllm_instances=[{"name": "a", "port": 8001, "gpus": [0]},
                                                              {"name": "b", "port": 8002, "gpus": [0]}])
+
+
+def test_ipv6_instances_are_bracketed_for_nginx_and_the_drain(host_data):
+    fleet = plan_fleet([("h1", host_data(ssh_hostname="fd00::11"))], ["h1"])
+    conf = render_conf(fleet, {}, down={"[fd00::11]:8002"})
+    servers = [line.split()[1:] for line in conf.splitlines() if line.strip().startswith("server [")]
+    assert servers == [["[fd00::11]:8001", "max_fails=1", "fail_timeout=10s;"],
+                       ["[fd00::11]:8002", "max_fails=1", "fail_timeout=10s", "down;", "#", "restarting"]]

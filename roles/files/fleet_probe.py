@@ -247,20 +247,31 @@ def _nginx_workers() -> dict[int, str]:
 
 
 def _hex_endpoint(address: str, port: int) -> str:
-    """An IPv4 endpoint as /proc/net/tcp writes it: address bytes little-endian, port big-endian."""
-    return "".join(f"{int(octet):02X}" for octet in reversed(address.split("."))) + f":{port:04X}"
+    """An endpoint as /proc/net/tcp{,6} writes it: the address in 32-bit words of host (little
+    endian) byte order, the port big-endian."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    packed = socket.inet_pton(family, address)
+    words = (packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
+    return "".join(word.hex().upper() for word in words) + f":{port:04X}"
 
 
 def connections_to(upstreams: list[str]) -> int:
-    """Established TCP connections from this host to any of ``upstreams`` (HOST:PORT, IPv4)."""
+    """Established TCP connections from this host to any of ``upstreams`` (HOST:PORT, [IPv6]:PORT)."""
     wanted = set()
     for upstream in upstreams:
         name, port = upstream.rsplit(":", 1)
         # nginx resolved a host name once, at reload; so does this.
-        wanted.add(_hex_endpoint(socket.gethostbyname(name), int(port)))
-    with open("/proc/net/tcp") as fh:
-        rows = [line.split() for line in fh.readlines()[1:]]
-    return sum(1 for row in rows if row[2] in wanted and row[3] == "01")
+        for *_, sockaddr in socket.getaddrinfo(name.strip("[]"), int(port), proto=socket.IPPROTO_TCP):
+            wanted.add(_hex_endpoint(sockaddr[0], int(port)))
+    established = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = [line.split() for line in fh.readlines()[1:]]
+        except OSError:  # no IPv6 in this kernel
+            continue
+        established += sum(1 for row in rows if row[2] in wanted and row[3] == "01")
+    return established
 
 
 def reload_and_drain(args: argparse.Namespace) -> int:
