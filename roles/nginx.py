@@ -21,6 +21,9 @@ from roles.platform import APT_INSTALL_ARGS
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
+# Rendered on every host's prepare and twice per rolling-update slot: loaded once.
+_TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True, trim_blocks=True,
+                               undefined=jinja2.StrictUndefined).get_template("nginx-vllm-fleet.conf.j2")
 # Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 
@@ -28,9 +31,7 @@ DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 def render_conf(plan: FleetPlan, data, down: frozenset[str] | set[str] = frozenset()) -> str:
     """The load balancer's configuration: every instance of the fleet, those in ``down``
     (ADDRESS:PORT) marked down while they restart."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True,
-                             trim_blocks=True, undefined=jinja2.StrictUndefined)
-    return env.get_template("nginx-vllm-fleet.conf.j2").render(down=down, **template_vars(plan, data))
+    return _TEMPLATE.render(down=down, **template_vars(plan, data))
 
 
 def template_vars(plan: FleetPlan, data) -> dict:

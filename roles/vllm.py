@@ -34,6 +34,11 @@ CHECK_ARGS_PATH = "/usr/local/lib/vllm-fleet/check_engine_args.py"
 DIGEST_FILE = ".vllm-fleet-digest"
 
 
+def switch_link(link: str, target: str) -> StringCommand:
+    """Point ``link`` at ``target`` in one step (a rename over it): never missing, even for an instant."""
+    return StringCommand(f"ln -sfn {target} {link}.new && mv -T {link}.new {link}")
+
+
 def _recorded_digest(path: str) -> str | None:
     lines = host.get_fact(FileContents, path=path)
     return lines[0].strip() if lines else None
@@ -118,9 +123,8 @@ def release(plan: HostPlan):
 
 @operation()
 def release_link(path: str, target: str, still_elsewhere):
-    """Switch the host's release link in one step (rename over it), once every instance runs the
-    release (``still_elsewhere()`` lists those that do not): a reader sees the old or the new
-    release, never a missing link."""
+    """Switch the host's release link once every instance runs the release (``still_elsewhere()``
+    lists those that do not)."""
     waiting_for = still_elsewhere()
     if waiting_for:
         host.log_styled(f"{path} stays where it is: {', '.join(waiting_for)} not on {target} yet", fg="yellow")
@@ -128,7 +132,7 @@ def release_link(path: str, target: str, still_elsewhere):
     if (host.get_fact(Link, path=path) or {}).get("link_target") == target:
         host.noop(f"{path} already points at {target}")
         return
-    yield StringCommand(f"ln -sfn {target} {path}.new && mv -T {path}.new {path}")
+    yield switch_link(path, target)
 
 
 @operation()
@@ -154,7 +158,7 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
         return
     yield FileUploadCommand(StringIO(env_text), env_path)
     yield StringCommand(f"chmod 600 {env_path}")
-    yield StringCommand(f"ln -sfn {target} {link}.new && mv -T {link}.new {link}")
+    yield switch_link(link, target)
     yield StringCommand(f"systemctl enable --now vllm@{member.name}")
     yield StringCommand(f"python3 {PROBE_PATH} wait --unit vllm@{member.name} --port {member.port} --timeout {timeout}")
     rollout.runs(member, target, target_release)

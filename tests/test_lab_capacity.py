@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from labkit import REPO, bring_up_lab
 from roles import tiny_model
 from roles.capacity import Deployment, ModelArch, plan_capacity
-from roles.lab import load_state, ssh_command
+from roles.lab import ssh_command
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parent.parent
 KV_LINE = re.compile(r"CPU KV cache size: ([\d,]+) tokens")
 TOLERANCE = 0.02
 
@@ -57,8 +56,7 @@ def start_and_read_kv_line(host: str, model_dir: str, kv_bytes: int, extra: str 
 
 @pytest.fixture(scope="module")
 def lab():
-    subprocess.run([sys.executable, "-m", "roles.lab", "up", "--hosts", "2"], cwd=REPO, check=True)
-    return load_state()
+    return bring_up_lab()
 
 
 def check(label: str, reported: int, predicted: int) -> None:

@@ -66,6 +66,15 @@ def steps(timeline):
     return [(name, op.name.split(" | ")[-1]) for name, op in timeline if op.commands]
 
 
+def reports(timeline):
+    """The commands of each host's fleet release report: a failure command where the rollout stopped."""
+    return {name: op.commands for name, op in timeline if op.name.endswith("Fleet release report")}
+
+
+def installed(sim):
+    return {f.rsplit("/", 1)[0] for f in sim.files if f.endswith("/.lock-digest")}
+
+
 def upstreams(sim):
     return [line.strip() for line in sim.files[CONF]["lines"] if line.strip().startswith("server ")]
 
@@ -120,7 +129,7 @@ def test_failing_canary_stops_the_rollout_and_the_fleet_stays_on_its_release(hos
         assert sim.links["/opt/vllm-fleet/current"] == old
     assert not any("slot 2/3" in name or "slot 3/3" in name for _, name in steps(timeline))
     assert not any(" down;" in line for line in upstreams(fleet.sims["h1"]))  # the canary is back in
-    report = {name: op.commands for name, op in timeline if op.name.endswith("Fleet release report")}
+    report = reports(timeline)
     assert "rollout stopped: vllm@a reverted: vllm@a did not become healthy" in report["h1"][0]
     assert report["h2"] == []
 
@@ -136,7 +145,7 @@ def test_flags_the_new_release_refuses_stop_everything_before_a_restart(host_dat
     assert fleet.sims["h1"].restarts == [] and fleet.sims["h2"].restarts == []
     assert set(fleet.links().values()) == {old}
     assert not any("Rolling update" in name for _, name in steps(timeline))
-    report = {name: op.commands for name, op in timeline if op.name.endswith("Fleet release report")}
+    report = reports(timeline)
     assert "flags refused: vllm@a: vllm serve: error: unrecognized arguments" in report["h2"][0]
     assert report["h1"] == []
 
@@ -181,18 +190,15 @@ def test_garbage_collection_keeps_the_release_an_instance_still_runs(host_data):
         sim.failing_releases.add(fleet.venv())
     fleet.deploy()
     for sim in fleet.sims.values():
-        installed = {f.rsplit("/", 1)[0] for f in sim.files if f.endswith("/.lock-digest")}
-        assert installed == {old, fleet.venv()}
+        assert installed(sim) == {old, fleet.venv()}
     # Rolled to G with B still failing: B goes (nothing runs it), A stays until nothing runs it.
     fleet.lock_digest = "1" * 64
     fleet.deploy()
     for sim in fleet.sims.values():
-        installed = {f.rsplit("/", 1)[0] for f in sim.files if f.endswith("/.lock-digest")}
-        assert installed == {old, fleet.venv()}
+        assert installed(sim) == {old, fleet.venv()}
     fleet.deploy()
     for sim in fleet.sims.values():
-        installed = {f.rsplit("/", 1)[0] for f in sim.files if f.endswith("/.lock-digest")}
-        assert installed == {fleet.venv()}
+        assert installed(sim) == {fleet.venv()}
 
 
 def test_limited_run_must_include_a_load_balancer(host_data):
