@@ -12,12 +12,12 @@ from pathlib import Path
 import jinja2
 
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import settings
 from roles.fleet import FleetPlan
-from roles.platform import APT_INSTALL_ARGS
+from roles.platform import install_packages
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
@@ -48,8 +48,7 @@ def template_vars(plan: FleetPlan, data) -> dict:
 
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
-    apt.packages(name="Install nginx", packages=["nginx"], update=True, cache_time=3600,
-                 extra_install_args=APT_INSTALL_ARGS)
+    install_packages("Install nginx", ["nginx"])
     default_site = files.link(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
     conf = files.put(name="Render the fleet upstream", src=StringIO(render_conf(plan, data)), dest=CONF_PATH)
     changed = any_changed(conf, default_site)

@@ -9,10 +9,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt
+
 from roles.errors import FleetConfigError
 
 # apt-get install waits for a lock held by unattended-upgrades instead of failing the deploy.
 APT_INSTALL_ARGS = "-o DPkg::Lock::Timeout=300"
+# Package indexes older than this are refreshed before a package is installed.
+APT_CACHE_SECONDS = 3600
+
+
+@operation()
+def apt_indexes_for(packages: list[str]):
+    """Refresh apt's package indexes when one of ``packages`` is missing and they are older than
+    APT_CACHE_SECONDS; a host that has them all fetches nothing (a rollback downloads nothing)."""
+    installed = host.get_fact(DebPackages)
+    missing = [p for p in packages if p not in installed]
+    if not missing:
+        host.noop(f"{', '.join(packages)} installed: no package index needed")
+        return
+    yield from apt.update._inner(cache_time=APT_CACHE_SECONDS)
+
+
+def install_packages(name: str, packages: list[str], **apt_args):
+    """``apt.packages`` behind a refresh of the indexes only where a package must be installed."""
+    apt_indexes_for(name=f"Package indexes for: {name}", packages=packages)
+    return apt.packages(name=name, packages=packages, extra_install_args=APT_INSTALL_ARGS, **apt_args)
 
 # (distribution name, major version) -> Python versions installable from its own archive.
 PYTHONS: dict[tuple[str, str], tuple[str, ...]] = {

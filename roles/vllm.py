@@ -16,7 +16,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 from roles import engine, fleet, platform
 from roles.fleet import HostPlan, Model
@@ -102,8 +102,7 @@ def release(plan: HostPlan):
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
-    apt.packages(name="Install host packages", packages=plat.packages + ["sudo"], update=True,
-                 cache_time=3600, no_recommends=True, extra_install_args=platform.APT_INSTALL_ARGS)
+    platform.install_packages("Install host packages", plat.packages + ["sudo"], no_recommends=True)
     server.user(name=f"Create system user {user}", user=user, system=True, home=data_dir,
                 shell="/usr/sbin/nologin", create_home=False)
     for path in (install_dir, f"{install_dir}/venvs", f"{install_dir}/instances", data_dir, f"{data_dir}/models"):

@@ -162,7 +162,7 @@ class SimulatedHost:
     def facts(self) -> FactTable:
         def file(path):
             f = self.files.get(path)
-            return {"mode": f["mode"], "user": "root", "group": "root", "mtime": datetime.now()} if f else None
+            return {"mode": f["mode"], "user": "root", "group": "root", "mtime": f.get("mtime", datetime.now())} if f else None
 
         def digest(path):
             f = self.files.get(path)

@@ -239,3 +239,21 @@ def test_staged_models_are_kept_like_releases_and_never_removed_while_in_use(hos
     assert staged() == {old_dir, new_dir} and sim.restarts == ["a", "b"]
     deploy(fleet, "h1", second, sim)
     assert staged() == {new_dir}
+
+
+def test_package_indexes_are_refreshed_only_when_a_package_is_missing(host_data):
+    """Stale indexes alone fetch nothing (a rollback must download nothing); a missing package
+    refreshes them before it is installed."""
+    from datetime import datetime, timedelta
+
+    data = host_data()
+    fleet = plan_fleet([("h1", data)], ["h1"])
+    sim = SimulatedHost(debian(12))
+    deploy(fleet, "h1", data, sim)
+    sim.files[SimulatedHost.APT_STAMP]["mtime"] = datetime.now() - timedelta(days=2)
+    assert "apt-get update" not in commands(deploy(fleet, "h1", data, sim))
+
+    del sim.packages["libnuma1"]
+    run = commands(deploy(fleet, "h1", data, sim))
+    install = next(c for c in run if "install" in c and "libnuma1" in c)
+    assert "apt-get update" in run and run.index("apt-get update") < run.index(install)
