@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+FLEET := $(VENV)/bin/vllm-fleet
 RELEASE := cpu-vllm-0.32.0
 # The release the lab's rolling-update test upgrades to and rolls back from.
 NEXT_RELEASE := cpu-vllm-0.32.0-tf5.18
@@ -24,20 +25,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-$(MODEL)/config.json: roles/tiny_model.py | setup
-	$(PY) -m roles.tiny_model $(MODEL)
+$(MODEL)/config.json: roles/lab/tiny_model.py | setup
+	$(FLEET) lab model $(MODEL)
 
 lab: setup $(MODEL)/config.json
-	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
-	$(PY) -m roles.release wheelhouse $(RELEASE)
+	$(FLEET) lab up --hosts $(LAB_HOSTS)
+	$(FLEET) release wheelhouse $(RELEASE)
 	$(VENV)/bin/pyinfra -y inventories/lab.py deploys/vllm.py
-	$(PY) -m roles.cli howto
+	$(FLEET) howto
 
 # Installed from the release's own wheelhouse, offline and ignoring local pip configuration.
 $(PROBE_VENV)/.installed: inventories/releases/$(RELEASE).lock | setup
 	$(PYTHON) -m venv --clear $(PROBE_VENV)
 	PIP_CONFIG_FILE=/dev/null $(PROBE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-index \
-		--find-links "$$($(PY) -m roles.release wheelhouse $(RELEASE) | tail -1)" torch numpy
+		--find-links "$$($(FLEET) release wheelhouse $(RELEASE) | tail -1)" torch numpy
 	touch $@
 
 unit: setup $(PROBE_VENV)/.installed
@@ -45,11 +46,12 @@ unit: setup $(PROBE_VENV)/.installed
 
 test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
+	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
-	$(PY) -m roles.lab up --hosts $(LAB_HOSTS)
-	$(PY) -m roles.release wheelhouse $(RELEASE)
-	$(PY) -m roles.release wheelhouse $(NEXT_RELEASE)
-	$(PY) -m pytest -v -s -m lab tests/test_lab.py tests/test_lab_e2e.py tests/test_lab_capacity.py tests/test_lab_rollout.py
+	$(FLEET) lab up --hosts $(LAB_HOSTS)
+	$(FLEET) release wheelhouse $(RELEASE)
+	$(FLEET) release wheelhouse $(NEXT_RELEASE)
+	$(PY) -m pytest -v -s -m lab tests/lab
 
 lab-down: setup
-	$(PY) -m roles.lab down
+	$(FLEET) lab down

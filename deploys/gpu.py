@@ -8,6 +8,7 @@ the release venv. `deploys/vllm.py` runs the same steps before serving.
 from pyinfra import inventory
 
 from roles import site
-from roles.fleet import plan_inventory
+from roles.plan.fleet import plan_inventory
 
-site.onboard(plan_inventory(inventory))
+with site.refusals():
+    site.onboard(plan_inventory(inventory))

@@ -1,17 +1,17 @@
-"""The local lab: systemd-nspawn hosts brought up by `python -m roles.lab up`.
+"""The local lab: systemd-nspawn hosts brought up by `vllm-fleet lab up`.
 
 Two hosts: lab1 runs two instances and the load balancer, lab2 runs one instance. Every
-setting, its type and default: `python -m roles.cli settings` (declared in roles/settings.py).
+setting, its type and default: `vllm-fleet settings` (declared in roles/plan/settings.py).
 """
 
-from roles.lab import load_state
+from roles.lab.config import load_state
 
 # Settings of the whole lab fleet (kept here, not in group_data/, which every inventory in
 # this folder would share).
 _FLEET = {
     "vllm_release": "cpu-vllm-0.32.0",
     "vllm_accelerator": "cpu",
-    # Built by `make lab` (python -m roles.tiny_model .cache/models/tiny-llama): a random-weight Llama.
+    # Built by `make lab` (vllm-fleet lab model .cache/models/tiny-llama): a random-weight Llama.
     "vllm_model_path": ".cache/models/tiny-llama",
     "vllm_served_model_name": "tiny-llama",
     "vllm_max_model_len": 1024,

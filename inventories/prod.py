@@ -1,4 +1,4 @@
-"""An example production fleet: `python -m roles.cli plan inventories/prod.py` shows its
+"""An example production fleet: `vllm-fleet plan inventories/prod.py` shows its
 capacity plan; `pyinfra inventories/prod.py deploys/vllm.py` deploys it.
 
 Two 2-GPU H100 servers serving Llama 3.3 70B behind one nginx host:

@@ -1,13 +1,13 @@
 """The one error type users see when their inventory or release cannot work.
 
-It subclasses pyinfra's ``PyinfraError`` so that the pyinfra CLI prints the message as one
-paragraph, without a traceback, and stops before any operation runs on any host.
+It sits below every other layer (planner, releases, roles, lab) and imports nothing of
+pyinfra, so that the planner can be used, and tested, without it. The deploy files turn it
+into a pyinfra error (``roles.site.refusals``), which pyinfra's CLI prints as one paragraph,
+without a traceback, before any operation runs on any host.
 """
 
-from pyinfra.api.exceptions import PyinfraError
 
-
-class FleetConfigError(PyinfraError):
+class FleetConfigError(Exception):
     """A configuration that cannot work; the message names the field and the fix."""
 
     def __init__(self, field: str, problem: str, fix: str):

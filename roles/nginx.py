@@ -7,25 +7,20 @@ reaches the running load balancer.
 from __future__ import annotations
 
 from io import StringIO
-from pathlib import Path
 
 import jinja2
-
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from roles import settings
-from roles.fleet import FleetPlan
+from roles import paths
+from roles.plan import settings
+from roles.plan.fleet import FleetPlan
 from roles.platform import install_packages
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-CONF_PATH = "/etc/nginx/conf.d/vllm-fleet.conf"
 # Rendered on every host's prepare and twice per rolling-update slot: loaded once.
-_TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), keep_trailing_newline=True, trim_blocks=True,
+_TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(paths.TEMPLATES), keep_trailing_newline=True, trim_blocks=True,
                                undefined=jinja2.StrictUndefined).get_template("nginx-vllm-fleet.conf.j2")
-# Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
-DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 
 
 def render_conf(plan: FleetPlan, data, down: frozenset[str] | set[str] = frozenset()) -> str:
@@ -49,8 +44,8 @@ def template_vars(plan: FleetPlan, data) -> dict:
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
     install_packages("Install nginx", ["nginx"])
-    default_site = files.link(name="Remove the packaged default site", path=DEFAULT_SITE, present=False)
-    conf = files.put(name="Render the fleet upstream", src=StringIO(render_conf(plan, data)), dest=CONF_PATH)
+    default_site = files.link(name="Remove the packaged default site", path=paths.NGINX_DEFAULT_SITE, present=False)
+    conf = files.put(name="Render the fleet upstream", src=StringIO(render_conf(plan, data)), dest=paths.NGINX_CONF)
     changed = any_changed(conf, default_site)
     server.shell(name="Check the nginx configuration", commands=["nginx -t"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import shlex
-from io import StringIO
 from dataclasses import asdict, dataclass
+from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, state
@@ -23,30 +23,17 @@ from pyinfra.facts.server import Command, KernelVersion, LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from roles import settings
+from roles import paths
 from roles.errors import FleetConfigError
 from roles.facts import AptHolds, NvidiaModuleVersion, PciNvidia, SecureBoot
-from roles.fleet import HostPlan
-from roles.platform import APT_INSTALL_ARGS
 from roles.gates import failure, stop_host
-from roles.gpu_health import GpuExpectation, allreduce_checks, burnin_checks, health_checks, table
-from roles.release import Driver
+from roles.plan import settings
+from roles.plan.fleet import HostPlan
+from roles.plan.gpu_health import GpuExpectation, allreduce_checks, burnin_checks, health_checks, table
+from roles.platform import APT_INSTALL_ARGS
+from roles.release.manifest import Driver
 
-GPU_PROBE = Path(__file__).resolve().parent / "files" / "gpu_probe.py"
-GPU_PROBE_PATH = "/usr/local/lib/vllm-fleet/gpu_probe.py"
-KEYRING = "/usr/share/keyrings/nvidia-cuda-archive.gpg"
-SOURCES = "/etc/apt/sources.list.d/nvidia-cuda.sources"
-PIN_FILE = "/etc/apt/preferences.d/nvidia-driver"
-NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
-# Health records per host; the burn-in record also marks a host as onboarded.
-RECORD_DIR = "/var/lib/vllm-fleet/gpu"
-# A healthy all-reduce of 8 GPUs takes well under a minute, NCCL setup included; past this the
-# GPUs are taken to hang (a missing fabric manager, a broken link) and the host fails.
 ALLREDUCE_TIMEOUT_S = 180
-# Per-host JSON records of the NVML gate, on the control node, relative to where pyinfra runs.
-LOCAL_RECORDS = Path(".cache/gpu-health")
-# Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
-DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
 
 
 # ---- what differs between distributions: all of it here ----------------------------------------
@@ -82,7 +69,7 @@ def driver_platform(host_name: str, distro: dict, driver: Driver) -> DriverPlatf
 def sources_file(repo_url: str, repo_path: str) -> str:
     """deb822 source of NVIDIA's flat CUDA repository, trusted only with its own keyring."""
     return (f"Types: deb\nURIs: {repo_url.rstrip('/')}/{repo_path}/x86_64/\nSuites: /\n"
-            f"Signed-By: {KEYRING}\n")
+            f"Signed-By: {paths.NVIDIA_KEYRING}\n")
 
 
 def pin_file(driver: Driver) -> str:
@@ -142,16 +129,16 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
     result on the host (it marks the host as onboarded)."""
     if not state.is_executing:
         return
-    readings = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} readings"))
+    readings = json.loads(host.get_fact(Command, command=f"{python} {paths.GPU_PROBE_PATH} readings"))
     checks = health_checks(readings, expect)
     record = f"{record_dir}/burnin.json"
     if all(c.ok for c in checks) and (burnin or host.get_fact(FileContents, path=record) is None):
-        result = json.loads(host.get_fact(Command, command=f"{python} {GPU_PROBE_PATH} burnin"))
+        result = json.loads(host.get_fact(Command, command=f"{python} {paths.GPU_PROBE_PATH} burnin"))
         checks += burnin_checks(result)
         records = {record: result}
         if expect.count > 1:  # tensor parallelism needs the GPUs to all-reduce together at NVLink speed
             allreduce = json.loads(host.get_fact(Command, command=(
-                f"{python} {GPU_PROBE_PATH} allreduce --backend nccl --world-size {expect.count} "
+                f"{python} {paths.GPU_PROBE_PATH} allreduce --backend nccl --world-size {expect.count} "
                 f"--timeout {ALLREDUCE_TIMEOUT_S}")))
             checks += allreduce_checks(allreduce)
             records[f"{record_dir}/allreduce.json"] = allreduce
@@ -168,7 +155,7 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
 def write_record(host_name: str, readings: dict, checks) -> Path:
     """The host's readings and verdicts as JSON on the control node (not on the host: a record
     there would change at every run)."""
-    path = LOCAL_RECORDS / f"{host_name}.json"
+    path = paths.LOCAL_GPU_RECORDS / f"{host_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"host": host_name, "ok": all(c.ok for c in checks), "readings": readings,
                                 "checks": [asdict(c) for c in checks]}, indent=1) + "\n")
@@ -192,12 +179,12 @@ def driver(plan: HostPlan):
         stop_host(f"host {plan.name}: vllm_gpu_count: {pci['gpus']} NVIDIA GPUs on the PCI bus, the inventory "
                   f"says {expected}. Fix: correct vllm_gpu_count, or check for a GPU that fell off the bus.")
         return False
-    if host.get_fact(SecureBoot) and host.get_fact(FileContents, path=DKMS_SIGNING_KEY) is None \
+    if host.get_fact(SecureBoot) and host.get_fact(FileContents, path=paths.DKMS_SIGNING_KEY) is None \
             and _loaded_module() != drv.version:
-        stop_host(f"host {plan.name}: Secure Boot is on and no DKMS signing key exists ({DKMS_SIGNING_KEY}), so "
+        stop_host(f"host {plan.name}: Secure Boot is on and no DKMS signing key exists ({paths.DKMS_SIGNING_KEY}), so "
                   "the kernel would refuse an unsigned nvidia module. Fix: create and enroll one (on Ubuntu: "
                   "`update-secureboot-policy --new-key`, then `mokutil --import "
-                  f"{DKMS_SIGNING_KEY}`, reboot and confirm in the MOK manager), or turn Secure Boot off; then "
+                  f"{paths.DKMS_SIGNING_KEY}`, reboot and confirm in the MOK manager), or turn Secure Boot off; then "
                   "re-run.")
         return False
 
@@ -209,18 +196,18 @@ def driver(plan: HostPlan):
     packages = [*plat.packages, *([plat.fabric_manager] if pci["nvswitches"] else [])]
 
     key = files.download(name="NVIDIA repository signing key", src=f"{repo_url.rstrip('/')}/{plat.repo_path}"
-                         f"/x86_64/{settings.value(plan.data, 'nvidia_repo_key')}", dest=f"{KEYRING}.asc")
+                         f"/x86_64/{settings.value(plan.data, 'nvidia_repo_key')}", dest=f"{paths.NVIDIA_KEYRING}.asc")
     fingerprint = settings.value(plan.data, "nvidia_repo_key_fingerprint")
     server.shell(name="Check the key's fingerprint, then install it as the repository's keyring",
-                 commands=[f"gpg --show-keys --with-colons {KEYRING}.asc | grep -q '^fpr:*{fingerprint}:' "
+                 commands=[f"gpg --show-keys --with-colons {paths.NVIDIA_KEYRING}.asc | grep -q '^fpr:*{fingerprint}:' "
                            f"|| {{ echo 'the downloaded key is not {fingerprint}' >&2; exit 1; }}",
-                           f"gpg --dearmor --yes -o {KEYRING} {KEYRING}.asc"],
+                           f"gpg --dearmor --yes -o {paths.NVIDIA_KEYRING} {paths.NVIDIA_KEYRING}.asc"],
                  _if=key.did_change)
     source = files.put(name="NVIDIA CUDA repository (deb822)", src=StringIO(sources_file(repo_url, plat.repo_path)),
-                       dest=SOURCES)
-    pin = files.put(name=f"Pin the driver to {drv.version}", src=StringIO(pin_file(drv)), dest=PIN_FILE)
+                       dest=paths.NVIDIA_SOURCES)
+    pin = files.put(name=f"Pin the driver to {drv.version}", src=StringIO(pin_file(drv)), dest=paths.NVIDIA_PIN_FILE)
     nouveau = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
-                        dest=NOUVEAU_BLACKLIST)
+                        dest=paths.NOUVEAU_BLACKLIST)
     server.shell(name="Rebuild the initramfs without nouveau", commands=["update-initramfs -u"], _if=nouveau.did_change)
     apt.update(name="Update package lists", _if=any_changed(source, pin))
     installed = apt.packages(name=f"Install the NVIDIA {drv.branch} driver {drv.version}",
@@ -242,9 +229,9 @@ def driver(plan: HostPlan):
 @deploy("GPU health")
 def health(plan: HostPlan, python: str):
     """The NVML gate before any model is served, and the burn-in on first onboarding."""
-    files.put(name="Install the GPU probe", src=str(GPU_PROBE), dest=GPU_PROBE_PATH, mode="755",
+    files.put(name="Install the GPU probe", src=str(paths.GPU_PROBE), dest=paths.GPU_PROBE_PATH, mode="755",
               create_remote_dir=True)
     expect = GpuExpectation(count=settings.value(plan.data, "vllm_gpu_count") or 1, model=plan.gpu.nvml_name,
                             memory_bytes=plan.gpu.memory_bytes)
     gpu_health(name="NVML checks (and burn-in on first onboarding)", expect=expect, python=python,
-               burnin=settings.value(plan.data, "nvidia_burnin"), record_dir=RECORD_DIR)
+               burnin=settings.value(plan.data, "nvidia_burnin"), record_dir=paths.GPU_RECORD_DIR)

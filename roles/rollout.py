@@ -34,9 +34,10 @@ from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Command
 from pyinfra.facts.systemd import SystemdStatus
 
-from roles import gates, nginx, settings
+from roles import gates, nginx, paths
 from roles.facts import InstanceReleases
-from roles.fleet import FleetPlan, HostPlan, endpoint
+from roles.plan import settings
+from roles.plan.fleet import FleetPlan, HostPlan, endpoint
 
 REPORT_PATH = Path(".cache/rollout-report.json")
 
@@ -201,7 +202,7 @@ def take_out(rollout: Rollout, index: int, render_conf, probe: str, drain_timeou
     batch = rollout.batch(index)
     if not batch:
         return
-    yield FileUploadCommand(StringIO(render_conf(down={m.upstream for m in batch})), nginx.CONF_PATH)
+    yield FileUploadCommand(StringIO(render_conf(down={m.upstream for m in batch})), paths.NGINX_CONF)
     yield StringCommand("nginx -t -q")
     upstreams = " ".join(f"--upstream {shlex.quote(m.upstream)}" for m in batch)
     yield FunctionCommand(_run_logged, (f"python3 {probe} reload-and-drain {upstreams} --timeout {drain_timeout}",), {})
@@ -255,7 +256,7 @@ def put_back(rollout: Rollout, index: int, render_conf):
     if not state.is_executing or host.name not in rollout.plan.lb_hosts or not rollout.batch(index):
         return
     broken = {m.upstream for m, o in rollout.outcomes.items() if o["outcome"] == "broken"}
-    yield FileUploadCommand(StringIO(render_conf(down=broken)), nginx.CONF_PATH)
+    yield FileUploadCommand(StringIO(render_conf(down=broken)), paths.NGINX_CONF)
     yield StringCommand("nginx -t -q && systemctl reload nginx")
 
 

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.exceptions import PyinfraError
 
-from roles import nginx, nvidia, rollout, smoke, vllm
-from roles.fleet import FleetPlan, HostPlan
+from roles import nginx, nvidia, paths, rollout, smoke, vllm
+from roles.errors import FleetConfigError
+from roles.plan.fleet import FleetPlan, HostPlan
+
+
+class FleetRefusal(PyinfraError):
+    """A ``FleetConfigError`` as pyinfra's CLI shows it: one paragraph, no traceback, no operation run."""
+
+
+@contextmanager
+def refusals():
+    """Around a deploy file's body: a refusal of the plan or of a role stops the run cleanly."""
+    try:
+        yield
+    except FleetConfigError as error:
+        raise FleetRefusal(str(error)) from None
 
 
 def _onboard(host_plan: HostPlan):
@@ -42,7 +59,7 @@ def serve(plan: FleetPlan):
         env_texts = vllm.vllm_host(host_plan, run)
     if host.name in plan.lb_hosts:
         nginx.load_balancer(plan, host.data.dict())
-    rollout.rolling_update(run, env_texts, host.data.dict(), env_dir=vllm.ENV_DIR, probe=vllm.PROBE_PATH)
+    rollout.rolling_update(run, env_texts, host.data.dict(), env_dir=paths.ENV_DIR, probe=paths.FLEET_PROBE_PATH)
     if host_plan is not None:
         vllm.retire_removed_instances(host_plan)
         vllm.settle_release_link(host_plan, run)

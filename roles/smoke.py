@@ -14,14 +14,14 @@ from pyinfra import host, state
 from pyinfra.api import StringCommand, operation
 from pyinfra.facts.server import Command
 
-from roles import settings
-from roles.fleet import FleetPlan
-from roles.vllm import ENV_DIR, PROBE_PATH
+from roles.paths import ENV_DIR, FLEET_PROBE_PATH
+from roles.plan import settings
+from roles.plan.fleet import FleetPlan
 
 
 def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | None:
     """The probe invocation for one host, or None when the host has nothing to check."""
-    base = ["python3", PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
+    base = ["python3", FLEET_PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
     args = list(base)
     mine = plan.host(host_name)
     for inst in mine.instances if mine else ():

@@ -18,20 +18,16 @@ from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import files, server, systemd
 
-from roles import engine, fleet, platform
-from roles.fleet import HostPlan, Model
+from roles import paths, platform
 from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
+from roles.plan import engine, fleet
+from roles.plan.fleet import HostPlan, Model
+from roles.release.host import dirs_to_remove, host_install_command
+from roles.release.lock import Lock
+from roles.release.wheelhouse import build_wheelhouse
 from roles.rollout import Member, Rollout, decide
-from roles.release import Lock, build_wheelhouse, dirs_to_remove, host_install_command
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-PROBE = Path(__file__).resolve().parent / "files" / "fleet_probe.py"
 # Where the role keeps host-side files other than venvs and data.
-ENV_DIR = "/etc/vllm-fleet/instances"
-PROBE_PATH = "/usr/local/lib/vllm-fleet/fleet_probe.py"
-CHECK_ARGS = Path(__file__).resolve().parent / "files" / "check_engine_args.py"
-CHECK_ARGS_PATH = "/usr/local/lib/vllm-fleet/check_engine_args.py"
-DIGEST_FILE = ".vllm-fleet-digest"
 
 
 def switch_link(link: str, target: str) -> StringCommand:
@@ -70,7 +66,7 @@ def release_venv(lock: Lock, venv_dir: str, python: str):
 @operation()
 def staged_model(model: Model, dest: str, venv_dir: str, user: str, hf_home: str):
     """Put the model's weights at ``dest`` and prove them intact, unless already there."""
-    if _recorded_digest(f"{dest}/{DIGEST_FILE}") == model.digest:
+    if _recorded_digest(f"{dest}/{paths.DIGEST_FILE}") == model.digest:
         host.noop(f"model {model.served_name} ({model.digest[:12]}) is staged in {dest}")
         return
     if model.local_path is not None:
@@ -85,7 +81,7 @@ def staged_model(model: Model, dest: str, venv_dir: str, user: str, hf_home: str
                  f"snapshot_download({model.model_id!r}, revision={model.revision!r})")
         yield StringCommand(f"mkdir -p {hf_home} && chown {user}: {hf_home} && "
                             f"sudo -u {user} env HF_HOME={hf_home} {venv_dir}/bin/python -c \"{fetch}\"")
-    yield StringCommand(f"chmod -R a+rX {dest} && echo {model.digest} > {dest}/{DIGEST_FILE}")
+    yield StringCommand(f"chmod -R a+rX {dest} && echo {model.digest} > {dest}/{paths.DIGEST_FILE}")
 
 
 def placements(plan: HostPlan) -> dict[str, str]:
@@ -108,7 +104,7 @@ def release(plan: HostPlan):
     for path in (install_dir, f"{install_dir}/venvs", f"{install_dir}/instances", data_dir, f"{data_dir}/models"):
         files.directory(name=f"Directory {path}", path=path, mode="755")
     # Environment files may hold API keys; systemd reads them as root.
-    files.directory(name=f"Directory {ENV_DIR}", path=ENV_DIR, mode="700")
+    files.directory(name=f"Directory {paths.ENV_DIR}", path=paths.ENV_DIR, mode="700")
 
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
                         lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
@@ -148,7 +144,7 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
                 timeout: int):
     """Start an instance the host does not have yet (no environment file): it is not in nginx's
     upstream yet, so it needs no draining. Existing instances restart in the rolling update."""
-    env_path = f"{ENV_DIR}/{member.name}.env"
+    env_path = f"{paths.ENV_DIR}/{member.name}.env"
     if host.get_fact(FileContents, path=env_path) is not None:
         host.noop(f"vllm@{member.name} exists; restarts go through the rolling update")
         return
@@ -159,7 +155,7 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
     yield StringCommand(f"chmod 600 {env_path}")
     yield switch_link(link, target)
     yield StringCommand(f"systemctl enable --now vllm@{member.name}")
-    yield StringCommand(f"python3 {PROBE_PATH} wait --unit vllm@{member.name} --port {member.port} --timeout {timeout}")
+    yield StringCommand(f"python3 {paths.FLEET_PROBE_PATH} wait --unit vllm@{member.name} --port {member.port} --timeout {timeout}")
     rollout.runs(member, target, target_release)
 
 
@@ -173,13 +169,13 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
     # Pushed models are kept like releases; hub snapshots share blobs in the Hugging Face cache,
     # which its own tools prune.
     prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} staged models", parent=f"{data_dir}/models",
-          marker=DIGEST_FILE, keep=plan.get("vllm_keep_releases"),
-          protected=lambda: {plan.model_dir, *host.get_fact(InstanceModels, env_dir=ENV_DIR)})
-    for src, dest in ((PROBE, PROBE_PATH), (CHECK_ARGS, CHECK_ARGS_PATH)):
+          marker=paths.DIGEST_FILE, keep=plan.get("vllm_keep_releases"),
+          protected=lambda: {plan.model_dir, *host.get_fact(InstanceModels, env_dir=paths.ENV_DIR)})
+    for src, dest in ((paths.FLEET_PROBE, paths.FLEET_PROBE_PATH), (paths.CHECK_ENGINE_ARGS, paths.CHECK_ENGINE_ARGS_PATH)):
         files.put(name=f"Install {src.name}", src=str(src), dest=dest, mode="755", create_remote_dir=True)
     unit = files.template(name="Render the vllm@.service template unit",
-                          src=str(TEMPLATES / "vllm@.service.j2"), dest="/etc/systemd/system/vllm@.service",
-                          service_user=user, env_dir=ENV_DIR, links_dir=f"{install_dir}/instances",
+                          src=str(paths.TEMPLATES / "vllm@.service.j2"), dest=paths.UNIT_FILE,
+                          service_user=user, env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances",
                           data_dir=data_dir)
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
@@ -187,8 +183,8 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
     env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name])) for i in plan.instances}
     decide(name="Decide which instances restart (flags checked by the new release)", rollout=rollout,
            env_texts=env_texts, engine_args={i.name: engine.render_args(plan, i) for i in plan.instances},
-           env_dir=ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
-           target_release=plan.release.name, check_script=CHECK_ARGS_PATH,
+           env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
+           target_release=plan.release.name, check_script=paths.CHECK_ENGINE_ARGS_PATH,
            host_changes=lambda: "unit file changed" if unit.did_change() else
            "model changed" if model.did_change() else None)
     # One after another: instances loading at the same moment race for memory.
@@ -216,8 +212,8 @@ def retire_removed_instances(plan: HostPlan) -> None:
     and cores while the load balancer no longer sends them anything). Runs after the load
     balancer has been reconfigured without them, so no request is sent to a stopping instance."""
     kept = {inst.name for inst in plan.instances}
-    env_files = host.get_fact(FindFiles, path=ENV_DIR, fname="*.env", maxdepth=1) or []
+    env_files = host.get_fact(FindFiles, path=paths.ENV_DIR, fname="*.env", maxdepth=1) or []
     for name in sorted(Path(f).stem for f in env_files if Path(f).stem not in kept):
         systemd.service(name=f"Stop vllm@{name} (no longer in the inventory)", service=f"vllm@{name}",
                         running=False, enabled=False)
-        files.file(name=f"Remove the environment of vllm@{name}", path=f"{ENV_DIR}/{name}.env", present=False)
+        files.file(name=f"Remove the environment of vllm@{name}", path=f"{paths.ENV_DIR}/{name}.env", present=False)

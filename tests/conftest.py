@@ -1,10 +1,7 @@
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 TINY_CONFIG = Path(__file__).parent / "fixtures" / "models" / "tiny-llama" / "config.json"
@@ -40,14 +37,15 @@ def host_data(model_dir):
 @pytest.fixture
 def nvidia_releases(tmp_path: Path) -> Path:
     """The repository's releases plus a lock for the NVIDIA manifest (it cannot be resolved here:
-    the lock is written from a small resolution report, as `roles.release lock` would)."""
+    the lock is written from a small resolution report, as `vllm-fleet release lock` would)."""
     import hashlib
     import shutil
 
-    from roles.release import load_release, lock_text
+    from roles.release.lock import lock_text
+    from roles.release.manifest import load_release
 
     releases = tmp_path / "releases"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "inventories" / "releases", releases)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "inventories" / "releases", releases)
     manifest = releases / "nvidia-vllm-0.32.0.yml"
     release = load_release("nvidia-vllm-0.32.0", releases)
     report = {

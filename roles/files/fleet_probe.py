@@ -2,8 +2,8 @@
 """Health waits and smoke tests, run ON a fleet host (stdlib only: hosts have no extra packages).
 
     fleet_probe.py wait   --unit vllm@a --port 8001 --timeout 900
-    fleet_probe.py smoke  --instance a:8001 ... [--lb-port 80 --model NAME] [--env-dir DIR] [--report]
-    fleet_probe.py switch --name a --port 8001 --model NAME --link L --target VENV --timeout 900 [--env-dir DIR]
+    fleet_probe.py smoke  --instance a:8001 ... [--lb-port 80 --model NAME] --env-dir DIR [--report]
+    fleet_probe.py switch --name a --port 8001 --model NAME --link L --target VENV --timeout 900 --env-dir DIR
     fleet_probe.py reload-and-drain --upstream 10.0.0.5:8001 ... --timeout 120
 
 ``wait`` prints progress while an instance loads and, on failure, the unit's last journal
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--instance", action="append", default=[], help="NAME:PORT of a local instance")
     s.add_argument("--lb-port", type=int)
     s.add_argument("--model")
-    s.add_argument("--env-dir", default="/etc/vllm-fleet/instances", help="where instance API keys are")
+    s.add_argument("--env-dir", required=True, help="where instance API keys are")
     s.add_argument("--settle", type=float, default=20, help="seconds to retry failing checks")
     s.add_argument("--wait-healthy", type=float, default=0, help="seconds to wait for loading instances first")
     s.add_argument("--report", action="store_true")
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--link", required=True, help="the instance's release link")
     sw.add_argument("--target", required=True, help="release venv the link points to after the switch")
     sw.add_argument("--timeout", type=float, required=True)
-    sw.add_argument("--env-dir", default="/etc/vllm-fleet/instances")
+    sw.add_argument("--env-dir", required=True, help="where the instance environment files are")
     d = sub.add_parser("reload-and-drain")
     d.add_argument("--upstream", action="append", required=True, help="ADDRESS:PORT taken out of nginx")
     d.add_argument("--timeout", type=float, required=True)

@@ -1,0 +1,29 @@
+"""Small helpers every layer uses (planner, releases, roles, lab): stdlib only."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB with one decimal, as messages and tables print them."""
+    return f"{n / GIB:.1f} GiB"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def did_you_mean(name: str, candidates: list[str]) -> str | None:
+    """The fix for a misspelt key: "did you mean `X`?", or None when nothing is close."""
+    close = difflib.get_close_matches(str(name), candidates, n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

@@ -1,0 +1,41 @@
+"""Every fixed path the roles use: on the control node (the files they copy, the templates they
+render) and on hosts (what they write where). Paths that an operator may move are settings
+(``vllm_install_dir``, ``vllm_data_dir``), not here."""
+
+from pathlib import Path
+
+# ---- control node -------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO_ROOT / "templates"
+HOST_SCRIPTS = Path(__file__).resolve().parent / "files"
+FLEET_PROBE = HOST_SCRIPTS / "fleet_probe.py"
+CHECK_ENGINE_ARGS = HOST_SCRIPTS / "check_engine_args.py"
+GPU_PROBE = HOST_SCRIPTS / "gpu_probe.py"
+# Per-host JSON records of the NVML gate, relative to where pyinfra runs.
+LOCAL_GPU_RECORDS = Path(".cache/gpu-health")
+
+# ---- hosts: vLLM instances ----------------------------------------------------------------------
+# One environment file per instance (engine flags, API key): root-only.
+ENV_DIR = "/etc/vllm-fleet/instances"
+UNIT_FILE = "/etc/systemd/system/vllm@.service"
+HOST_SCRIPTS_DIR = "/usr/local/lib/vllm-fleet"
+FLEET_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/fleet_probe.py"
+CHECK_ENGINE_ARGS_PATH = f"{HOST_SCRIPTS_DIR}/check_engine_args.py"
+GPU_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/gpu_probe.py"
+# Written into a staged model or venv once it is complete; a folder without it is unfinished.
+DIGEST_FILE = ".vllm-fleet-digest"
+
+# ---- hosts: NVIDIA driver -----------------------------------------------------------------------
+NVIDIA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive.gpg"
+NVIDIA_SOURCES = "/etc/apt/sources.list.d/nvidia-cuda.sources"
+NVIDIA_PIN_FILE = "/etc/apt/preferences.d/nvidia-driver"
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
+# Health records per host; the burn-in record also marks a host as onboarded.
+GPU_RECORD_DIR = "/var/lib/vllm-fleet/gpu"
+# Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
+DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
+
+# ---- hosts: nginx -------------------------------------------------------------------------------
+NGINX_CONF = "/etc/nginx/conf.d/vllm-fleet.conf"
+# Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
+NGINX_DEFAULT_SITE = "/etc/nginx/sites-enabled/default"

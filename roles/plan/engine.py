@@ -1,0 +1,75 @@
+"""vLLM's command line and environment for one instance, rendered from its settings.
+
+Pure functions: the systemd unit reads the result from a per-instance environment file.
+"""
+
+from __future__ import annotations
+
+from roles.errors import FleetConfigError
+from roles.plan.fleet import HostPlan, Instance
+
+
+def render_args(host: HostPlan, inst: Instance) -> list[str]:
+    """The api_server flags of one instance, in a stable order."""
+    fit = inst.fit
+    # Lengths and parallelism always come from the capacity plan, derived or checked, so the
+    # unit shows what the instance really runs with.
+    args = [
+        "--model", host.model_dir,
+        "--served-model-name", host.model.served_name,
+        "--host", host.get("vllm_listen_address"),
+        "--port", str(inst.port),
+        "--dtype", inst.get("vllm_dtype"),
+        "--tensor-parallel-size", str(fit.tensor_parallel),
+        "--max-model-len", str(fit.max_model_len),
+        "--max-num-seqs", str(fit.max_num_seqs),
+    ]
+    if inst.get("vllm_quantization"):
+        args += ["--quantization", inst.get("vllm_quantization")]
+    if inst.get("vllm_kv_cache_dtype") != "auto":
+        args += ["--kv-cache-dtype", inst.get("vllm_kv_cache_dtype")]
+    if host.accelerator == "nvidia":
+        args += ["--gpu-memory-utilization", f"{inst.get('vllm_gpu_memory_utilization'):g}"]
+    else:
+        # CPU vLLM sizes its KV cache from a fraction of a whole NUMA node unless told a size.
+        args += ["--kv-cache-memory-bytes", str(inst.get("vllm_kv_cache_bytes"))]
+    args.append("--enable-prefix-caching" if inst.get("vllm_enable_prefix_caching")
+                else "--no-enable-prefix-caching")
+    if inst.get("vllm_enable_chunked_prefill"):
+        args.append("--enable-chunked-prefill")
+    if inst.get("vllm_enforce_eager"):
+        args.append("--enforce-eager")
+    args += [str(a) for a in inst.get("vllm_extra_args")]
+    for arg in args:
+        # systemd splits $ENGINE_ARGS at whitespace and does not honour quotes inside it.
+        if not arg or any(c.isspace() for c in arg):
+            raise FleetConfigError(f"host {host.name}: instance {inst.name}: vLLM flag {arg!r}",
+                                   "contains whitespace or is empty, which the unit cannot pass through.",
+                                   "use values without spaces (e.g. a served model name with '-').")
+    return args
+
+
+def render_env(host: HostPlan, inst: Instance, placement: str) -> dict[str, str]:
+    """The per-instance environment: flags plus where the instance's threads or GPUs are.
+
+    ``placement`` is the core list (CPU hosts) or comma-separated GPU indices (NVIDIA hosts),
+    decided by the deploy from the host's facts.
+    """
+    # Not VLLM_-prefixed: vLLM warns about every VLLM_* variable it does not know.
+    env = {"ENGINE_ARGS": " ".join(render_args(host, inst))}
+    if host.accelerator == "nvidia":
+        env["CUDA_VISIBLE_DEVICES"] = placement
+    else:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = placement
+    if inst.get("vllm_api_key"):
+        env["VLLM_API_KEY"] = inst.get("vllm_api_key")
+    return env
+
+
+def env_file(env: dict[str, str]) -> str:
+    """systemd EnvironmentFile= content; values are double-quoted so '|' and ',' survive."""
+    lines = ["# Managed by vllm-fleet; rendered from the inventory. Changes are overwritten."]
+    for key in sorted(env):
+        value = env[key].replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'{key}="{value}"')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,389 @@
+"""The fleet plan: what every host and instance will run, worked out before any host is touched.
+
+``plan_fleet`` reads nothing but inventory data, release manifests, locks and the local model
+directory. Every way an inventory can be wrong is refused here with a ``FleetConfigError``
+naming the field and the fix, so that a deploy stops before its first operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from roles.errors import FleetConfigError
+from roles.plan import settings
+from roles.plan.capacity import TP_CHOICES, Deployment, Fit, plan_capacity
+from roles.plan.gpus import GpuSpec, gpu_spec
+from roles.plan.model import ModelArch
+from roles.release.lock import Lock, lock_path, read_lock
+from roles.release.manifest import Release, load_release
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Hugging Face config.json files of hub models, for planning without network (<org>--<name>/).
+MODEL_CONFIGS_DIR = REPO_ROOT / "inventories" / "model_configs"
+HF_CACHE = Path("~/.cache/huggingface/hub").expanduser()
+
+# The groups a fleet inventory defines: vLLM hosts, and the host(s) running the load balancer.
+VLLM_GROUP = "vllm"
+LB_GROUP = "lb"
+
+# Instance names become systemd instance names (vllm@NAME) and file names.
+INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+HF_REVISION = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model staged on hosts: a local directory (with file checksums) or a pinned hub snapshot."""
+
+    served_name: str
+    local_path: Path | None = None
+    files: tuple[tuple[str, str], ...] = ()  # (relative path, sha256) of a local directory
+    model_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """Identifies the exact weights: the checksum list of a local model, or the hub revision."""
+        if self.local_path is None:
+            return self.revision or ""
+        return hashlib.sha256(self.checksum_file().encode()).hexdigest()
+
+    def checksum_file(self) -> str:
+        """The ``sha256sum -c`` input that proves a pushed copy is intact."""
+        return "".join(f"{sha}  {rel}\n" for rel, sha in self.files)
+
+    def host_dir(self, data_dir: str) -> str:
+        """Where the weights live on a host; keyed by content so a new revision never overwrites."""
+        if self.local_path is None:
+            repo = "models--" + self.model_id.replace("/", "--")
+            return f"{data_dir}/hf/hub/{repo}/snapshots/{self.revision}"
+        return f"{data_dir}/models/{self.local_path.name}-{self.digest[:12]}"
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    port: int
+    settings: Mapping[str, Any]  # effective per-instance settings, by full name
+    fit: Fit | None = None  # capacity plan: checked or derived tensor-parallel, lengths, KV cache
+
+    def get(self, name: str) -> Any:
+        return self.settings[name]
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    name: str
+    address: str
+    accelerator: str
+    release: Release
+    lock: Lock
+    model: Model
+    instances: tuple[Instance, ...]
+    gpu: GpuSpec | None  # None on CPU hosts
+    data: Mapping[str, Any] = field(repr=False)  # host-level settings, by full name
+
+    def get(self, name: str) -> Any:
+        return settings.value(self.data, name)
+
+    @property
+    def venv_dir(self) -> str:
+        return f"{self.get('vllm_install_dir')}/venvs/{self.lock.digest[:16]}"
+
+    @property
+    def model_dir(self) -> str:
+        return self.model.host_dir(self.get("vllm_data_dir"))
+
+
+def endpoint(address: str, port: int) -> str:
+    """ADDRESS:PORT as nginx and the drain probe take it (an IPv6 address in brackets)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    hosts: tuple[HostPlan, ...]
+    lb_hosts: tuple[str, ...]
+    served_model_name: str
+
+    @property
+    def upstreams(self) -> list[str]:
+        """Every instance of the fleet as nginx addresses it: the load balancer's upstream."""
+        return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances]
+
+    def host(self, name: str) -> HostPlan | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _checksums(path: Path, stamp: tuple) -> tuple[tuple[str, str], ...]:
+    # ``stamp`` (sizes and mtimes) keys the cache: a deploy file runs once per host.
+    out = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out.append((f.relative_to(path).as_posix(), h.hexdigest()))
+    return tuple(out)
+
+
+def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model:
+    path, model_id = data.get("vllm_model_path"), data.get("vllm_model_id")
+    where = f"host {host_name}"
+    if path and model_id:
+        raise FleetConfigError(f"{where}: vllm_model_path and vllm_model_id",
+                               "both are set; a fleet serves one model from one source.",
+                               "keep one of them.")
+    if not path and not model_id:
+        raise FleetConfigError(f"{where}: vllm_model_path", "no model is set.",
+                               "set vllm_model_path to a model directory on the control node, or "
+                               "vllm_model_id plus vllm_model_revision to a pinned Hugging Face model.")
+    served = data.get("vllm_served_model_name")
+    if model_id:
+        revision = data.get("vllm_model_revision") or ""
+        if not HF_REVISION.match(revision):
+            raise FleetConfigError(f"{where}: vllm_model_revision",
+                                   f"{revision!r} is not a commit hash, so the weights are not pinned.",
+                                   "set it to the model repository's 40-hex-digit commit hash.")
+        return Model(served_name=served or model_id, model_id=model_id, revision=revision)
+    local = (base_dir / path).resolve()
+    if not (local / "config.json").is_file():
+        raise FleetConfigError(f"{where}: vllm_model_path",
+                               f"{local} is not a model directory (no config.json there).",
+                               "build the lab's test model with `vllm-fleet lab model "
+                               f"{path}` or point the setting at a Hugging Face model directory.")
+    stamp = tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(local.rglob("*")) if p.is_file())
+    return Model(served_name=served or local.name, local_path=local, files=_checksums(local, stamp))
+
+
+# ---- instances ------------------------------------------------------------------------------------
+
+def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, ...]:
+    entries = data.get("vllm_instances")
+    if not entries:
+        raise FleetConfigError(f"host {host_name}: vllm_instances", "no instances are declared.",
+                               "set vllm_instances to a list such as [{name: a, port: 8001}].")
+    instances, seen_names, seen_ports = [], {}, {}
+    for index, entry in enumerate(entries):
+        settings.check_instance_entry(host_name, index, entry)
+        where = f"host {host_name}: vllm_instances[{index}]"
+        name, port = entry.get("name"), entry.get("port")
+        if not isinstance(name, str) or not INSTANCE_NAME.match(name):
+            raise FleetConfigError(f"{where}.name", f"{name!r} is not a valid instance name.",
+                                   "use lower-case letters, digits and '-', e.g. 'a' or 'chat-1'.")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise FleetConfigError(f"{where}.port", f"{port!r} is not a TCP port.",
+                                   "give each instance a port between 1024 and 65535.")
+        if name in seen_names:
+            raise FleetConfigError(f"{where}.name", f"instance name {name!r} is used twice on this host.",
+                                   "give every instance on a host its own name.")
+        if port in seen_ports:
+            raise FleetConfigError(f"{where}.port",
+                                   f"port {port} is already used by instance {seen_ports[port]!r} on this host.",
+                                   "give every instance on a host its own port.")
+        seen_names[name], seen_ports[port] = index, name
+        effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
+        instances.append(Instance(name=name, port=port, settings=effective))
+    return tuple(instances)
+
+
+def _check_gpus(host_name: str, instances: Iterable[Instance], host_gpus: int | None) -> None:
+    owner: dict[int, str] = {}
+    for inst in instances:
+        gpus = inst.get("vllm_gpus") or []
+        tp = inst.fit.tensor_parallel
+        if gpus and len(gpus) != tp:
+            raise FleetConfigError(f"host {host_name}: instance {inst.name}: gpus",
+                                   f"{len(gpus)} GPUs listed for tensor-parallel size {tp}.",
+                                   "list exactly tensor_parallel_size GPU indices, or leave gpus unset.")
+        for gpu in gpus:
+            if gpu in owner:
+                raise FleetConfigError(f"host {host_name}: instance {inst.name}: gpus",
+                                       f"GPU {gpu} is already given to instance {owner[gpu]}.",
+                                       "give each instance its own GPUs.")
+            owner[gpu] = inst.name
+    wanted = sum(i.fit.tensor_parallel for i in instances)
+    if host_gpus is not None and wanted > host_gpus:
+        raise FleetConfigError(f"host {host_name}: vllm_instances",
+                               f"the instances need {wanted} GPUs together; the host has {host_gpus} "
+                               "(vllm_gpu_count).",
+                               "run fewer instances here, or lower their tensor-parallel size if the model fits.")
+
+
+def auto_gpus(instances: Iterable[Instance]) -> dict[str, list[int]]:
+    """GPU indices per instance: declared ones, else the next free ones in instance order."""
+    taken = {g for i in instances for g in (i.get("vllm_gpus") or [])}
+    out, next_gpu = {}, 0
+    for inst in instances:
+        if inst.get("vllm_gpus"):
+            out[inst.name] = list(inst.get("vllm_gpus"))
+            continue
+        chosen = []
+        while len(chosen) < inst.fit.tensor_parallel:
+            if next_gpu not in taken:
+                chosen.append(next_gpu)
+            next_gpu += 1
+        out[inst.name] = chosen
+    return out
+
+
+def split_cores(cpu_count: int, instance_count: int) -> list[str]:
+    """Bind each instance to its own contiguous block of cores (vLLM binds all to core 0 otherwise)."""
+    if instance_count > cpu_count:
+        # Fewer cores than instances: share every core rather than leave one instance without any.
+        return [f"0-{cpu_count - 1}" if cpu_count > 1 else "0"] * instance_count
+    per = cpu_count // instance_count
+    blocks = []
+    for i in range(instance_count):
+        first, last = i * per, (i + 1) * per - 1 if i < instance_count - 1 else cpu_count - 1
+        blocks.append(str(first) if first == last else f"{first}-{last}")
+    return blocks
+
+
+# ---- capacity --------------------------------------------------------------------------------------
+
+def model_arch(host_name: str, data: Mapping[str, Any], model: Model, base_dir: Path) -> ModelArch:
+    """The model's architecture, from files on the control node (planning never needs a host)."""
+    if model.local_path is not None:
+        return ModelArch.load(model.local_path, name=model.served_name)
+    candidates = []
+    if data.get("vllm_model_config"):
+        candidates.append((base_dir / data["vllm_model_config"]).resolve())
+    candidates.append(MODEL_CONFIGS_DIR / model.model_id.replace("/", "--"))
+    candidates.append(HF_CACHE / ("models--" + model.model_id.replace("/", "--")) / "snapshots" / model.revision)
+    for path in candidates:
+        if (path / "config.json").is_file() or path.name == "config.json" and path.is_file():
+            return ModelArch.load(path, name=model.model_id)
+    raise FleetConfigError(f"host {host_name}: vllm_model_config",
+                           f"no config.json for {model.model_id} on the control node "
+                           f"(looked in {', '.join(str(c) for c in candidates)}).",
+                           f"save the model's config.json as {candidates[-2]}/config.json, or set "
+                           "vllm_model_config to its path: capacity is planned before any host is touched.")
+
+
+def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Instance,
+                 host_gpus: int | None) -> Fit:
+    """Check the instance's settings against the model and hardware, deriving what is unset."""
+    def deployment(tp: int) -> Deployment:
+        return Deployment(gpu=gpu, gpus_per_instance=tp, weight_dtype=inst.get("vllm_dtype"),
+                          quantization=inst.get("vllm_quantization"), kv_cache_dtype=inst.get("vllm_kv_cache_dtype"),
+                          gpu_memory_utilization=inst.get("vllm_gpu_memory_utilization"),
+                          max_model_len=inst.get("vllm_max_model_len"), max_num_seqs=inst.get("vllm_max_num_seqs"),
+                          cpu_kv_cache_bytes=inst.get("vllm_kv_cache_bytes"))
+
+    where = f"host {host_name}: instance {inst.name}: "
+    tp = inst.get("vllm_tensor_parallel_size")
+    if tp is not None or gpu is None:
+        return plan_capacity(arch, deployment(tp or 1), host_gpus, where=where)
+    # Unset on a GPU host: the smallest size that fits. If none does, tensor-parallel 1's refusal
+    # carries the arithmetic and the ways out.
+    for size in TP_CHOICES:
+        if host_gpus is not None and size > host_gpus:
+            break
+        try:
+            return plan_capacity(arch, deployment(size), host_gpus, where=where)
+        except FleetConfigError:
+            continue
+    return plan_capacity(arch, deployment(1), host_gpus, where=where)
+
+
+# ---- the whole fleet ---------------------------------------------------------------------------------
+
+def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
+    settings.check_host_data(name, data)
+    releases_dir = base_dir / settings.value(data, "vllm_releases_dir")
+    release_name = data.get("vllm_release")
+    if not release_name:
+        raise FleetConfigError(f"host {name}: vllm_release", "no release is pinned.",
+                               f"set vllm_release to one of the manifests in {releases_dir}.")
+    release = load_release(release_name, releases_dir)
+    accelerator = settings.value(data, "vllm_accelerator")
+    if accelerator != release.accelerator:
+        raise FleetConfigError(f"host {name}: vllm_accelerator",
+                               f"the host is {accelerator!r} but release {release.name} is built for "
+                               f"{release.accelerator!r}.",
+                               f"pin a release for {accelerator} hosts, or fix vllm_accelerator.")
+    lock = read_lock(lock_path(release, releases_dir))
+    gpu = None
+    if accelerator == "nvidia":
+        if not data.get("vllm_gpu_type"):
+            raise FleetConfigError(f"host {name}: vllm_gpu_type", "an NVIDIA host needs its GPU model for planning.",
+                                   "set vllm_gpu_type, e.g. h100-sxm (`vllm-fleet gpus` lists them).")
+        gpu = gpu_spec(data["vllm_gpu_type"], data.get("vllm_gpu_types"))
+        if not data.get("nvidia_repo_url"):
+            raise FleetConfigError(f"host {name}: nvidia_repo_url", "is not set; the driver comes from it.",
+                                   "set it to NVIDIA's CUDA apt repository (or your mirror of it): the folder "
+                                   "holding ubuntu2204/, ubuntu2404/ and debian12/.")
+    model = plan_model(name, data, base_dir)
+    arch = model_arch(name, data, model, base_dir)
+    host_gpus = data.get("vllm_gpu_count")
+    instances = tuple(replace(i, fit=instance_fit(name, arch, gpu, i, host_gpus)) for i in plan_instances(name, data))
+    _check_gpus(name, instances, host_gpus)
+    address = data.get("vllm_advertise_address") or data.get("ssh_hostname") or name
+    return HostPlan(name=name, address=address, accelerator=accelerator, release=release, lock=lock,
+                    model=model, instances=instances, gpu=gpu, data=dict(data))
+
+
+def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterable[str],
+               base_dir: Path = REPO_ROOT) -> FleetPlan:
+    """Plan every host; ``base_dir`` is what relative paths in the inventory are relative to."""
+    plans = tuple(plan_host(n, d, base_dir) for n, d in hosts)
+    if not plans:
+        raise FleetConfigError(f"inventory group `{VLLM_GROUP}`", "has no hosts.",
+                               f"put the vLLM hosts in a group named `{VLLM_GROUP}`.")
+    lb = tuple(lb_hosts)
+    if not lb:
+        raise FleetConfigError(f"inventory group `{LB_GROUP}`", "has no hosts.",
+                               f"put the load balancer host(s) in a group named `{LB_GROUP}`.")
+    batch_sizes = {p.get("vllm_rollout_batch_size") for p in plans}
+    if len(batch_sizes) > 1 or min(batch_sizes) < 1:
+        raise FleetConfigError("vllm_rollout_batch_size",
+                               f"is {sorted(batch_sizes)} across the hosts; a rolling update has one batch size, 1 or more.",
+                               "set one value for every host (group data), or leave the default 1.")
+    names = {p.model.served_name for p in plans}
+    if len(names) > 1:
+        raise FleetConfigError("vllm_served_model_name",
+                               f"hosts behind one load balancer serve different names: {sorted(names)}.",
+                               "serve one model name across the fleet (set it in group data).")
+    for host in plans:
+        if host.name in lb:
+            lb_port = settings.value(host.data, "nginx_listen_port")
+            clash = [i.name for i in host.instances if i.port == lb_port]
+            if clash:
+                raise FleetConfigError(f"host {host.name}: instance {clash[0]}: port",
+                                       f"port {lb_port} is the load balancer's nginx_listen_port on this host.",
+                                       "move the instance or nginx_listen_port to another port.")
+    return FleetPlan(hosts=plans, lb_hosts=lb, served_model_name=names.pop())
+
+
+def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None:
+    """A run limited to some hosts (pyinfra's ``--limit``) must include a load balancer when it
+    includes instance hosts: an instance restarts only after nginx has stopped sending to it."""
+    if hosts_in_run is None:
+        return
+    in_run = set(hosts_in_run)
+    instance_hosts = [h.name for h in plan.hosts if h.name in in_run]
+    if instance_hosts and not in_run & set(plan.lb_hosts):
+        raise FleetConfigError(
+            "--limit", f"includes vLLM hosts ({', '.join(instance_hosts)}) but no load balancer "
+            f"({', '.join(plan.lb_hosts)}): their instances could not be taken out of nginx before a restart.",
+            f"add the load balancer group, e.g. `--limit {instance_hosts[0]} --limit {LB_GROUP}`; instances restart "
+            "only where their release or configuration changed, so the others are not touched.")
+
+
+@lru_cache(maxsize=4)
+def plan_inventory(inventory) -> FleetPlan:
+    """The plan for a pyinfra inventory (cached: a deploy file runs once per host)."""
+    vllm_hosts = inventory.get_group(VLLM_GROUP, default=[])
+    lb_hosts = inventory.get_group(LB_GROUP, default=[])
+    return plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),
+                      base_dir=Path.cwd())

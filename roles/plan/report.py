@@ -1,0 +1,59 @@
+"""The capacity plan as a person reads it: per host and instance, the fit, flags, ceilings, cost."""
+
+from __future__ import annotations
+
+from roles.plan import settings
+from roles.plan.cost import break_even, cost_per_million_tokens
+from roles.plan.fleet import FleetPlan, HostPlan, Instance
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _flag(inst: Instance, setting: str, value: int) -> str:
+    """A value, marked * when the plan derived it rather than the inventory setting it."""
+    return f"{value:,}{'' if inst.get(setting) is not None else '*'}"
+
+
+def instance_row(host: HostPlan, inst: Instance) -> list[str]:
+    fit = inst.fit
+    hardware = f"{fit.tensor_parallel}x {host.gpu.name}" if host.gpu else "cpu"
+    ceiling = f"{fit.decode_ceiling_tokens_per_s:,.0f} tok/s" if fit.decode_ceiling_tokens_per_s else "-"
+    quant = fit.quantization or fit.weight_dtype
+    return [host.name, inst.name, hardware, quant, _gb(fit.weight_bytes_per_gpu), _gb(fit.budget_bytes_per_gpu),
+            f"{fit.kv_tokens:,}", _flag(inst, "vllm_max_model_len", fit.max_model_len),
+            f"{fit.max_concurrent_seqs:,}", _flag(inst, "vllm_max_num_seqs", fit.max_num_seqs), ceiling]
+
+
+def cost_lines(plan: FleetPlan) -> list[str]:
+    """Cost per million tokens and break-even utilization, where the inventory gives prices."""
+    data = plan.hosts[0].data
+    price, rate = settings.value(data, "vllm_gpu_hour_price"), settings.value(data, "vllm_tokens_per_s")
+    if not price or not rate:
+        return ["cost: set vllm_gpu_hour_price and vllm_tokens_per_s (measured or assumed) to see it."]
+    gpus = sum(i.fit.tensor_parallel for h in plan.hosts for i in h.instances)
+    instances = sum(len(h.instances) for h in plan.hosts)
+    hourly, tokens_per_s = price * gpus, rate * instances
+    lines = [f"cost: {gpus} GPU(s) at {price:g}/h, {instances} instance(s) at {rate:,.0f} tok/s each: "
+             f"{cost_per_million_tokens(hourly, tokens_per_s):.3f} per million tokens at full load"]
+    api, daily = settings.value(data, "vllm_api_price_per_million"), settings.value(data, "vllm_daily_tokens")
+    if api and daily:
+        b = break_even(hourly, tokens_per_s, api, daily)
+        lines.append(f"      against an API at {api:g} per million and {daily:,} tokens a day: self-hosting costs "
+                     f"{b.self_host_cost_per_day:,.2f}/day, the API {b.api_cost_per_day:,.2f}/day; utilization "
+                     f"{b.utilization:.0%}, break-even at {b.break_even_utilization:.0%}: {b.cheaper} is cheaper")
+    return lines
+
+
+def render(plan: FleetPlan) -> str:
+    header = ["host", "instance", "hardware", "weights", "weights/GPU", "KV budget/GPU", "KV tokens",
+              "max-model-len", "seqs at max len", "max-num-seqs", "decode ceiling"]
+    rows = [header] + [instance_row(h, i) for h in plan.hosts for i in h.instances]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = sorted({f"{h.name}/{i.name}: {n}" for h in plan.hosts for i in h.instances for n in i.fit.notes})
+    return "\n".join(lines + ["* derived by the plan (unset in the inventory)",
+                              "decode ceiling: one stream, memory bandwidth over bytes read per token"]
+                     + cost_lines(plan) + (["notes:"] + [f"  {n}" for n in notes] if notes else []))

@@ -1,0 +1,117 @@
+"""What the lab tests share: running the lab deploy, ssh to lab hosts, and a bounded load
+through the load balancer. Traffic goes only to the lab's own hosts, in network namespaces the
+lab created; every load loop is bounded in request count and in time."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from roles.lab.config import load_state
+from roles.lab.hosts import ssh_command
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = Path(sys.executable).with_name("pyinfra")
+MODEL = REPO / ".cache" / "models" / "tiny-llama"
+DEPLOY_TIMEOUT = 1800
+
+
+def bring_up_lab() -> dict:
+    subprocess.run([sys.executable, "-m", "roles.cli", "lab", "up", "--hosts", "2"], cwd=REPO, check=True)
+    if not (MODEL / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "roles.cli", "lab", "model", str(MODEL)], cwd=REPO, check=True)
+    return load_state()
+
+
+@dataclass
+class Deploy:
+    returncode: int
+    output: str
+    seconds: float
+
+    def totals(self) -> dict[str, int]:
+        """pyinfra's 'Grand total' row: hosts, changed ('Success'), errors, unchanged."""
+        match = re.search(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", self.output)
+        assert match, self.output[-3000:]
+        values = [0 if v == "-" else int(v) for v in match.groups()]
+        return dict(zip(("operations", "changed", "errors", "unchanged"), values))
+
+
+def run_deploy(*pyinfra_args: str) -> Deploy:
+    """`pyinfra -y inventories/lab.py deploys/vllm.py` with extra arguments (e.g. --data)."""
+    start = time.monotonic()
+    proc = subprocess.run([str(PYINFRA), "-y", *pyinfra_args, "inventories/lab.py", "deploys/vllm.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
+    result = Deploy(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
+    print(f"\ndeploy: rc={result.returncode} in {result.seconds:.1f}s")
+    return result
+
+
+def ssh(host: str, command: str, check: bool = True) -> str:
+    proc = subprocess.run(ssh_command(host) + [command], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{host}: {command}: {proc.stdout}{proc.stderr}")
+    return proc.stdout.strip()
+
+
+@dataclass
+class Load:
+    """A bounded load through the load balancer: alternately streamed chat and plain completions."""
+
+    base_url: str
+    model: str
+    # A steady stream, not a flood: two clients with a pause between requests leave the two
+    # cores room for the killed instance to restart.
+    workers: int = 2
+    pause: float = 0.1
+    max_requests: int = 5000
+    max_seconds: float = 300
+    stop: threading.Event = field(default_factory=threading.Event)
+    results: list[tuple[float, bool, str]] = field(default_factory=list)  # (end time, ok, detail)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def one(self, n: int) -> tuple[bool, str]:
+        try:
+            if n % 2:
+                r = requests.post(f"{self.base_url}/completions", timeout=60,
+                                  json={"model": self.model, "prompt": "Hello", "max_tokens": 16})
+                return r.status_code == 200 and bool(r.json()["choices"]), f"completion HTTP {r.status_code}"
+            with requests.post(f"{self.base_url}/chat/completions", timeout=60, stream=True,
+                               json={"model": self.model, "stream": True, "max_tokens": 16,
+                                     "messages": [{"role": "user", "content": "Hi"}]}) as r:
+                events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
+                ok = r.status_code == 200 and events[-1:] == [b"data: [DONE]"]
+                return ok, f"stream HTTP {r.status_code}, {len(events)} events"
+        except requests.RequestException as e:
+            return False, f"{type(e).__name__}: {e}"
+
+    def worker(self, first: int, deadline: float) -> None:
+        n = first
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            with self.lock:
+                if len(self.results) >= self.max_requests:
+                    return
+            ok, detail = self.one(n)
+            with self.lock:
+                self.results.append((time.monotonic(), ok, detail))
+            n += 1
+            self.stop.wait(self.pause)
+
+    def __enter__(self):
+        deadline = time.monotonic() + self.max_seconds
+        self.threads = [threading.Thread(target=self.worker, args=(i, deadline)) for i in range(self.workers)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
