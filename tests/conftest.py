@@ -3,7 +3,6 @@ from unittest import mock
 
 import pytest
 
-
 TINY_CONFIG = Path(__file__).parent / "fixtures" / "models" / "tiny-llama" / "config.json"
 
 

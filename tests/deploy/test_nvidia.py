@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.deploy.fakehost import GpuState, SimulatedHost, changed, debian, plan, ubuntu
 
 from roles import site
 from roles.plan.fleet import plan_fleet
+from tests.deploy.fakehost import GpuState, SimulatedHost, changed, debian, plan, ubuntu
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "gpu"
 READINGS = json.loads((FIXTURES / "h200-readings.json").read_text())

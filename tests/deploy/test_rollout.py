@@ -5,12 +5,12 @@ rollout; a new release's parser refusing the flags stops it before any instance 
 import dataclasses
 
 import pytest
-from tests.deploy.fakehost import SimulatedHost, debian, run_fleet
 
 from roles import site
 from roles.errors import FleetConfigError
 from roles.plan.fleet import check_run_limit, plan_fleet
 from roles.rollout import Member, schedule, slot_count
+from tests.deploy.fakehost import SimulatedHost, debian, run_fleet
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 

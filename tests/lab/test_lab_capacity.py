@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.lab.labkit import REPO, bring_up_lab
-from roles.plan.capacity import Deployment, plan_capacity
-from roles.plan.model import ModelArch
 
 from roles.lab import tiny_model
 from roles.lab.hosts import ssh_command
+from roles.plan.capacity import Deployment, plan_capacity
+from roles.plan.model import ModelArch
+from tests.lab.labkit import REPO, bring_up_lab
 
 pytestmark = pytest.mark.lab
 

@@ -11,9 +11,9 @@ import subprocess
 import time
 
 import pytest
-from tests.lab.labkit import DEPLOY_TIMEOUT, PYINFRA, REPO, Deploy, Load, bring_up_lab, run_deploy, ssh
 
 from roles import cli
+from tests.lab.labkit import DEPLOY_TIMEOUT, PYINFRA, REPO, Deploy, Load, bring_up_lab, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 

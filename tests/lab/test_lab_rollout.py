@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.lab.labkit import REPO, Load, bring_up_lab, run_deploy, ssh
 
 from roles import cli
 from roles.lab.config import veth_name
 from roles.release.lock import lock_path, read_lock
 from roles.release.manifest import RELEASES_DIR, load_release
+from tests.lab.labkit import REPO, Load, bring_up_lab, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 

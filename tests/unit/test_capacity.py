@@ -4,8 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+
+from roles.errors import FleetConfigError
+from roles.lab import tiny_model
 from roles.plan.capacity import CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, RESERVE_BYTES_PER_GPU, Deployment, plan_capacity
 from roles.plan.cost import break_even, cost_per_million_tokens
+from roles.plan.gpus import GIB, GPUS, MIB, gpu_spec
 from roles.plan.model import (
     ModelArch,
     active_param_count,
@@ -16,10 +20,6 @@ from roles.plan.model import (
     resolve_weight_dtype,
     weight_bytes,
 )
-
-from roles.errors import FleetConfigError
-from roles.lab import tiny_model
-from roles.plan.gpus import GIB, GPUS, MIB, gpu_spec
 
 MODELS = Path(__file__).parents[1] / "fixtures" / "models"
 # The configs the project keeps for hub models (what a host without network plans from).

@@ -2,9 +2,7 @@
 to an upstream, as the load balancer's drain counts them before an instance restarts."""
 
 import socket
-import sys
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
