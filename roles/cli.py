@@ -12,12 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from roles.errors import FleetConfigError
+from roles.errors import FleetConfigError, LabError
 from roles.plan import settings
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are refusals like any other: field, problem, fix, exit 2."""
+    """argparse whose usage errors are refusals like any other: field, problem, fix, exit 2.
+    Options are never abbreviated: `lab down --keep` must not mean `--keep-base`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         raise FleetConfigError(f"`{self.prog}`", f"{message}.", f"see `{self.prog} --help`.")
@@ -97,25 +101,20 @@ def release(args) -> int:
 
 def lab(args) -> int:
     from roles.lab import control
-    from roles.lab.config import LabError
 
     if args.action == "up" and args.hosts < 1:
         raise FleetConfigError("`vllm-fleet lab up --hosts`", f"{args.hosts} hosts is not a lab.",
                                "give 1 or more (the lab inventory puts the load balancer on the first).")
-    try:
-        if args.action == "up":
-            control.up(args.hosts)
-        elif args.action == "down":
-            control.down(args.keep_base)
-        elif args.action == "model":
-            from roles.lab import tiny_model  # numpy, safetensors, tokenizers: the [lab] extra
+    if args.action == "up":
+        control.up(args.hosts)
+    elif args.action == "down":
+        control.down(args.keep_base)
+    elif args.action == "model":
+        from roles.lab import tiny_model  # numpy, safetensors, tokenizers: the [lab] extra
 
-            print(tiny_model.build(Path(args.dest)))
-        else:
-            control.status()
-    except (LabError, subprocess.CalledProcessError) as error:
-        print(f"lab: error: {error}", file=sys.stderr)
-        return 1
+        print(tiny_model.build(Path(args.dest)))
+    else:
+        control.status()
     return 0
 
 
@@ -219,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except FleetConfigError as error:
         print(f"refused: {error.field}\n  problem: {error.problem}\n  fix: {error.fix}", file=sys.stderr)
         return 2
+    except (LabError, subprocess.CalledProcessError) as error:
+        # A lab step that failed (not a refused input): say which, without a traceback.
+        print(f"lab: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The one error type users see when their inventory or release cannot work.
+"""The error types users see: an inventory or release that cannot work, and a lab step that failed.
 
 It sits below every other layer (planner, releases, roles, lab) and imports nothing of
 pyinfra, so that the planner can be used, and tested, without it. The deploy files turn it
@@ -15,3 +15,7 @@ class FleetConfigError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{field}: {problem} Fix: {fix}")
+
+
+class LabError(RuntimeError):
+    """A step of the local lab that cannot go on (not a refused input); the message says what to do."""

@@ -8,6 +8,22 @@ import json
 import os
 from pathlib import Path
 
+from roles.errors import FleetConfigError, LabError
+
+
+def lab_subnet(text: str) -> ipaddress.IPv4Network:
+    """The lab network from ``VLLM_FLEET_LAB_SUBNET``: a private IPv4 network of at least a /24
+    (the bridge, then HOST_OFFSET addresses, then the hosts)."""
+    try:
+        subnet = ipaddress.ip_network(text)
+    except ValueError:
+        subnet = None
+    if not isinstance(subnet, ipaddress.IPv4Network) or not subnet.is_private or subnet.prefixlen > 24:
+        raise FleetConfigError("VLLM_FLEET_LAB_SUBNET", f"{text!r} is not a private IPv4 network of /24 or larger.",
+                               "set it to a free private network such as 10.213.7.0/24, or unset it.")
+    return subnet
+
+
 # Everything the lab creates lives here; tests and CI point it elsewhere.
 STATE_DIR = Path(os.environ.get("VLLM_FLEET_LAB_DIR", "/var/lib/vllm-fleet-lab"))
 # Debian release of the hosts; matches the control node so its apt sources apply unchanged.
@@ -21,8 +37,8 @@ BASE_PACKAGES = (
 BASE_REVISION = 1
 # Hosts booted when `up` is given no --hosts.
 DEFAULT_HOSTS = 2
-# Lab network: the bridge takes .1, host labN takes .(HOST_OFFSET + N).
-SUBNET = ipaddress.ip_network("10.213.7.0/24")
+# Lab network: the bridge takes .1, host labN takes .(HOST_OFFSET + N); the environment may move it.
+SUBNET = lab_subnet(os.environ.get("VLLM_FLEET_LAB_SUBNET", "10.213.7.0/24"))
 # Host addresses start after this offset, leaving room for control-side addresses.
 HOST_OFFSET = 10
 # Linux bridge joining the hosts' veths to the control node.
@@ -60,10 +76,6 @@ SSH_OPTIONS = (
     "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
 )
-
-
-class LabError(RuntimeError):
-    """A lab step that cannot go on; the message says what to do."""
 
 
 # ---------------------------------------------------------------- pure helpers (unit-tested)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from roles.errors import LabError
 from roles.lab.config import (
     NETNS_PREFIX,
     STATE_DIR,
-    LabError,
     host_address,
     host_dir,
     host_name,

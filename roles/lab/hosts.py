@@ -10,12 +10,12 @@ import time
 import uuid
 from pathlib import Path
 
+from roles.errors import LabError
 from roles.lab.config import (
     SSH_OPTIONS,
     SSH_WAIT_S,
     STATE_DIR,
     STOP_WAIT_S,
-    LabError,
     base_dir,
     host_address,
     host_dir,

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from roles.errors import LabError
 from roles.lab.config import (
     APT_PROXY_PIDFILE,
     APT_PROXY_PORT,
@@ -19,7 +20,6 @@ from roles.lab.config import (
     BRIDGE,
     STATE_DIR,
     SUBNET,
-    LabError,
     bridge_address,
     colliding_routes,
     netns_name,
@@ -34,7 +34,7 @@ def ensure_bridge() -> None:
     routes = json.loads(run("ip", "-j", "-4", "route", "show", capture=True).stdout or "[]")
     if hits := colliding_routes(routes):
         raise LabError(f"lab subnet {SUBNET} collides with existing routes: {', '.join(hits)}; "
-                       "change SUBNET in roles/lab.py")
+                       "set VLLM_FLEET_LAB_SUBNET to a free private /24 (and `vllm-fleet lab down` first)")
     if not ok("ip", "link", "show", BRIDGE):
         run("ip", "link", "add", BRIDGE, "type", "bridge")
     address = f"{bridge_address()}/{SUBNET.prefixlen}"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from roles.errors import LabError
 from roles.lab.config import (
     APT_PROXY_PORT,
     BASE_PACKAGES,
@@ -18,7 +19,6 @@ from roles.lab.config import (
     REQUIRED_TOOLS,
     STATE_DIR,
     SUITE,
-    LabError,
     base_dir,
     base_stamp,
     bridge_address,

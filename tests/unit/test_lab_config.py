@@ -4,6 +4,7 @@ import ipaddress
 
 import pytest
 
+from roles.errors import LabError
 from roles.lab import config as lab
 from roles.lab.hosts import ssh_command
 
@@ -58,9 +59,9 @@ def test_one_line_without_deb():
 def test_addresses():
     assert lab.bridge_address() == "10.213.7.1"
     assert [lab.host_address(i) for i in (1, 2, 3)] == ["10.213.7.11", "10.213.7.12", "10.213.7.13"]
-    with pytest.raises(lab.LabError):
+    with pytest.raises(LabError):
         lab.host_address(0)
-    with pytest.raises(lab.LabError):
+    with pytest.raises(LabError):
         lab.host_address(245)  # 10 + 245 = .255, the broadcast address
 
 
@@ -96,11 +97,11 @@ def test_ssh_command_and_missing_host(tmp_path):
     state = lab.lab_document(1, tmp_path / "k")
     argv = ssh_command("lab1", state)
     assert argv[0] == "ssh" and argv[-1] == "root@10.213.7.11" and "BatchMode=yes" in argv
-    with pytest.raises(lab.LabError, match="no lab host named 'lab9'"):
+    with pytest.raises(LabError, match="no lab host named 'lab9'"):
         ssh_command("lab9", state)
 
 
 def test_load_state_when_down(monkeypatch, tmp_path):
     monkeypatch.setattr(lab, "STATE_DIR", tmp_path)
-    with pytest.raises(lab.LabError, match="lab is not up: run `vllm-fleet lab up`"):
+    with pytest.raises(LabError, match="lab is not up: run `vllm-fleet lab up`"):
         lab.load_state()
