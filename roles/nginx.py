@@ -38,6 +38,8 @@ def template_vars(plan: FleetPlan, data) -> dict:
         "max_fails": settings.value(data, "nginx_max_fails"),
         "fail_timeout": settings.value(data, "nginx_fail_timeout"),
         "keepalive": settings.value(data, "nginx_keepalive"),
+        "client_max_body_size": settings.value(data, "nginx_client_max_body_size"),
+        "connect_timeout": settings.value(data, "nginx_connect_timeout"),
     }
 
 

@@ -93,6 +93,10 @@ class Rollout:
         sizes = {h.get("vllm_rollout_batch_size") for h in plan.hosts}
         return cls(plan=plan, members=members, batch_size=min(sizes))
 
+    def members_on(self, host_name: str) -> list[Member]:
+        """This host's instances, in fleet order."""
+        return [m for m in self.members if m.host == host_name]
+
     @property
     def slots(self) -> int:
         return slot_count(len(self.members), self.batch_size)
@@ -153,7 +157,7 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
     active = host.get_fact(SystemdStatus, services=[f"vllm@{name}.service" for name in env_texts])
     for_all = host_changes() if state.is_executing else None
     to_check = {}
-    mine = [m for m in rollout.members if m.host == host.name]
+    mine = rollout.members_on(host.name)
     # Decided again at execute time (after pyinfra's change detection): what counts is the host now.
     rollout.refusals.pop(host.name, None)
     for member in mine:

@@ -8,7 +8,6 @@ at; new instances start here, changed ones restart in the rolling update (roles/
 
 from __future__ import annotations
 
-import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from roles.release.host import dirs_to_remove, host_install_command
 from roles.release.lock import Lock
 from roles.release.wheelhouse import build_wheelhouse
 from roles.rollout import Member, Rollout, decide
-
-# Where the role keeps host-side files other than venvs and data.
 
 
 def switch_link(link: str, target: str) -> StringCommand:
@@ -48,11 +45,7 @@ def release_venv(lock: Lock, venv_dir: str, python: str):
     never reach a package index, and a wheel that differs from the lock fails the install.
     """
     if _recorded_digest(f"{venv_dir}/.lock-digest") == lock.digest:
-        if host.get_fact(FileContents, path=f"{venv_dir}/.release") is None:
-            # Installed before venvs were named: name it, so reports say which release runs.
-            yield StringCommand(f"printf '%s\\n' {shlex.quote(lock.release)} > {venv_dir}/.release")
-        else:
-            host.noop(f"release {lock.release} is installed in {venv_dir}")
+        host.noop(f"release {lock.release} is installed in {venv_dir}")
         return
     wheelhouse = build_wheelhouse(lock)
     staging = f"{venv_dir}.wheels"
@@ -176,7 +169,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
     unit = files.template(name="Render the vllm@.service template unit",
                           src=str(paths.TEMPLATES / "vllm@.service.j2"), dest=paths.UNIT_FILE,
                           service_user=user, env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances",
-                          data_dir=data_dir)
+                          data_dir=data_dir, stop_timeout=plan.get("vllm_stop_timeout"))
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
     where = placements(plan)
@@ -188,7 +181,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
            host_changes=lambda: "unit file changed" if unit.did_change() else
            "model changed" if model.did_change() else None)
     # One after another: instances loading at the same moment race for memory.
-    for member in (m for m in rollout.members if m.host == plan.name):
+    for member in rollout.members_on(plan.name):
         first_start(name=f"Start vllm@{member.name} if new (waits for /health, up to {plan.get('vllm_start_timeout')}s)",
                     rollout=rollout, member=member, env_text=env_texts[member.name],
                     link=f"{install_dir}/instances/{member.name}", target=plan.venv_dir,
@@ -200,7 +193,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
 
 def settle_release_link(plan: HostPlan, rollout: Rollout) -> None:
     """Point the host's ``current`` link at its release once all its instances run it."""
-    mine = [m for m in rollout.members if m.host == plan.name]
+    mine = rollout.members_on(plan.name)
     release_link(name="Point the host's current release link at it",
                  path=f"{plan.get('vllm_install_dir')}/current", target=plan.venv_dir,
                  still_elsewhere=lambda: [f"vllm@{m.name}" for m in mine if rollout.running.get(m) != plan.venv_dir])

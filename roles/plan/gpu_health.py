@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from roles.common import gib
+
 MEMORY_TOLERANCE = 0.01  # NVML totals differ slightly between boards and drivers of one model
 
 # Burn-in references per GPU name as NVML reports it. The H200 figures were measured on the
@@ -72,7 +74,7 @@ def gpu_checks(gpu: Mapping[str, Any], expect: GpuExpectation) -> list[Check]:
     if expect.memory_bytes:
         off = abs(gpu["memory_total_bytes"] - expect.memory_bytes) / expect.memory_bytes
         checks.append(Check("memory", off <= MEMORY_TOLERANCE,
-                            f"{gpu['memory_total_bytes'] / 2**30:.1f} GiB (inventory: {expect.memory_bytes / 2**30:.1f} GiB)", i))
+                            f"{gib(gpu['memory_total_bytes'])} (inventory: {gib(expect.memory_bytes)})", i))
     checks.append(Check("ecc mode", gpu["ecc_mode"] == 1, "on" if gpu["ecc_mode"] == 1 else f"off ({gpu['ecc_mode']})", i))
     for key in ("ecc_uncorrected_volatile", "ecc_uncorrected_aggregate"):
         value = gpu[key]
@@ -98,7 +100,7 @@ def gpu_checks(gpu: Mapping[str, Any], expect: GpuExpectation) -> list[Check]:
                                                           f"{'on' if expect.mig else 'off'})", i))
     procs = gpu["processes"] if not _unsupported(gpu["processes"]) else []
     checks.append(Check("foreign processes", not procs,
-                        "none" if not procs else ", ".join(f"pid {p['pid']} holds {p['used_memory_bytes'] / 2**30:.1f} GiB"
+                        "none" if not procs else ", ".join(f"pid {p['pid']} holds {gib(p['used_memory_bytes'])}"
                                                            for p in procs), i))
     return checks
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from roles.common import GIB
 from roles.errors import FleetConfigError
 
 MIB = 1 << 20
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)

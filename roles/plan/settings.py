@@ -117,6 +117,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the same on every host."),
     Setting("vllm_start_timeout", int, 900,
             "Seconds to wait for an instance's /health after a (re)start; large models load for minutes."),
+    Setting("vllm_stop_timeout", int, 60,
+            "Seconds systemd gives a stopping instance to exit after SIGTERM before it kills it (TimeoutStopSec)."),
     Setting("vllm_python", str, None,
             "Interpreter that builds the venv on the host; unset: the platform default (see roles/platform.py)."),
     # --- cost (used by `vllm-fleet plan`) -----------------------------------------------------
@@ -146,6 +148,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_max_fails", int, 1, "Failed connections before an instance is taken out (passive check)."),
     Setting("nginx_fail_timeout", int, 10, "Seconds an instance stays out after max_fails failures."),
     Setting("nginx_keepalive", int, 32, "Idle keepalive connections kept open to the instances per worker."),
+    Setting("nginx_client_max_body_size", str, "64m",
+            "Largest request body nginx accepts (client_max_body_size, e.g. 64m); long prompts and images need more."),
+    Setting("nginx_connect_timeout", int, 5,
+            "Seconds nginx waits to connect to an instance before it tries another (proxy_connect_timeout)."),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
