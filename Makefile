@@ -41,7 +41,7 @@ $(PROBE_VENV)/.installed: inventories/releases/$(RELEASE).lock | setup
 		--find-links "$$($(FLEET) release wheelhouse $(RELEASE) | tail -1)" torch numpy
 	touch $@
 
-unit: setup $(PROBE_VENV)/.installed
+unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 
 test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed

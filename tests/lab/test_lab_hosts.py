@@ -1,11 +1,15 @@
 """The running lab's hosts: real systemd with their own identity, and apt through the lab's proxy."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from roles.lab.config import STATE_DIR, load_state
 from roles.lab.hosts import ssh_command
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def lab_state() -> dict:
@@ -41,3 +45,13 @@ def test_hosts_reach_apt_proxy():
     for host in state["hosts"]:
         result = on_host(state, host["name"], "apt-get update -q")
         assert result.returncode == 0, f"{host['name']}: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.lab
+def test_lab_inventory_plans():
+    """The one inventory that needs the running lab (its addresses and key): planned here."""
+    lab_state()
+    result = subprocess.run([str(Path(sys.executable).with_name("vllm-fleet")), "plan", "inventories/lab.py"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[:2] for line in result.stdout.splitlines()[2:5]] == [["lab1", "a"], ["lab1", "b"], ["lab2", "a"]]
