@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from pyinfra.api import FactBase
+
+from roles.files.fleet_probe import env_values
 
 
 class PciNvidia(FactBase):
@@ -35,7 +39,8 @@ class NvidiaModuleVersion(FactBase):
 
 
 class SecureBoot(FactBase):
-    """Whether UEFI Secure Boot is on (False on legacy boot or when it cannot be told)."""
+    """Whether UEFI Secure Boot has the kernel refuse unsigned modules (False on legacy boot, with
+    shim's validation turned off, or when it cannot be told)."""
 
     def command(self) -> str:
         return "mokutil --sb-state 2>/dev/null || true"
@@ -43,7 +48,10 @@ class SecureBoot(FactBase):
     default = bool  # no mokutil, legacy boot: nothing refuses unsigned modules
 
     def process(self, output: list[str]) -> bool:
-        return any("SecureBoot enabled" in line for line in output)
+        lines = {line.strip() for line in output}
+        # After `mokutil --disable-validation` the firmware still reports Secure Boot, but shim
+        # tells the kernel it is off (MokSBState), and unsigned modules load.
+        return "SecureBoot enabled" in lines and "SecureBoot validation is disabled in shim" not in lines
 
 
 class AptHolds(FactBase):
@@ -84,7 +92,7 @@ class InstanceReleases(FactBase):
         found = {}
         for line in output:
             name, venv, *release = line.split()
-            # Venvs made before releases were named on hosts are known by their lock digest.
+            # A link whose venv is gone (removed by hand) has no .release to read: named by its digest.
             found[name] = {"venv": venv, "release": release[0] if release else venv.rsplit("/", 1)[-1]}
         return found
 
@@ -95,7 +103,12 @@ class InstanceModels(FactBase):
     default = set
 
     def command(self, env_dir: str) -> str:
-        return f"cat {env_dir}/*.env 2>/dev/null | grep -o -- '--model [^ \"]*' || true"
+        # Only the flags line: the files also hold API keys, which fact output must not carry.
+        return f"grep -h '^ENGINE_ARGS=' {env_dir}/*.env 2>/dev/null || true"
 
     def process(self, output: list[str]) -> set[str]:
-        return {line.split()[1] for line in output if line.strip()}
+        models = set()
+        for line in output:
+            args = env_values([line])["ENGINE_ARGS"].split()
+            models.update(value for flag, value in pairwise(args) if flag == "--model")
+        return models

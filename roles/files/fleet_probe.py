@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,16 +100,28 @@ def wait(unit: str, port: int, timeout: float, interval: float = 1.0) -> int:
         time.sleep(interval)
 
 
+def env_values(lines) -> dict[str, str]:
+    """The variables of an instance environment file, read as systemd reads the KEY="value"
+    lines roles/plan/engine.py writes (a backslash or double quote inside the quotes is escaped).
+    The one reader of that file: the control node's facts import it too."""
+    values = {}
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if not sep or key.startswith("#"):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r'\\(["\\])', r"\1", value[1:-1])
+        values[key] = value
+    return values
+
+
 def read_api_key(env_dir: str, name: str) -> str | None:
     """The instance's API key, read from its environment file (never passed on a command line)."""
     try:
         with open(f"{env_dir}/{name}.env") as fh:
-            for line in fh:
-                if line.startswith("VLLM_API_KEY="):
-                    return line.split("=", 1)[1].strip().strip('"')
+            return env_values(fh).get("VLLM_API_KEY")
     except OSError:
-        pass
-    return None
+        return None
 
 
 def check_instance(name: str, port: int, api_key: str | None) -> list[dict]:

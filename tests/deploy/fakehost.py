@@ -1,7 +1,8 @@
 """Run a ``@deploy`` against a host whose facts are given, and list the commands it would run.
 
-No connection is made: ``Host.get_fact`` is answered from a table, and an unexpected fact
-fails the test (so a test states every fact the role reads). The deploy goes through
+No connection is made: ``Host.get_fact`` is answered by the simulated host, which prints what
+the fact's command would print in its state and hands that to the fact's own ``process()``;
+an unexpected fact fails the test (so the fake states every fact the roles read). The deploy goes through
 pyinfra's own prepare phase, then each operation's commands are generated in order with
 execution-time ``_if=`` conditions, every command taken as successful.
 """
@@ -12,11 +13,11 @@ import hashlib
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Callable
 from unittest import mock
 
 from pyinfra.api import Config, Inventory, State
@@ -26,8 +27,23 @@ from pyinfra.api.state import StateStage
 from pyinfra.api.util import PYINFRA_INSTALL_DIR
 from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.context import ctx_host, ctx_state
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import MISSING, Directory, File, FileContents, FindFiles, Link, Sha1File
+from pyinfra.facts.server import (
+    ISO_DATE_FORMAT,
+    Command,
+    Date,
+    Groups,
+    KernelVersion,
+    LinuxDistribution,
+    Os,
+    TmpDir,
+    Users,
+    Which,
+)
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
-FactTable = dict[str, Callable[..., Any] | Any]
+from roles import facts
 
 
 @dataclass
@@ -70,12 +86,7 @@ def run_fleet(deploy_func, *args, hosts: dict[str, tuple[dict, "SimulatedHost"]]
     sims = {name: sim for name, (_, sim) in hosts.items()}
 
     def get_fact(self, fact_cls, *fact_args, **fact_kwargs):
-        facts = sims[self.name].facts()
-        name = fact_cls.__name__
-        if name not in facts:
-            raise AssertionError(f"unexpected fact {name}({fact_args}, {fact_kwargs}) on {self.name}")
-        answer = facts[name]
-        return answer(*fact_args, **fact_kwargs) if callable(answer) else answer
+        return sims[self.name].fact(fact_cls, *fact_args, **fact_kwargs)
 
     def run_shell_command(self, command, **_):
         return sims[self.name].run(command.get_raw_value())
@@ -126,7 +137,8 @@ def changed(ops: list[PlannedOp]) -> list[PlannedOp]:
 
 
 class SimulatedHost:
-    """A host's state as facts, updated by the commands a deploy runs on it.
+    """A host's state, read by facts through what their commands would print, and updated by
+    the commands a deploy runs on it.
 
     Only the commands vllm-fleet's roles emit are understood (uploads, mkdir, chmod, ln,
     useradd, apt-get install, systemctl, writing a digest file); the point is a second run
@@ -156,53 +168,105 @@ class SimulatedHost:
 
     @staticmethod
     def _user(home, shell, group):
-        return {"home": home, "shell": shell, "group": group, "groups": [], "comment": None, "password": None}
+        return {"home": home, "shell": shell, "group": group, "groups": []}
 
     # -- facts ----------------------------------------------------------------------------------
-    def facts(self) -> FactTable:
-        def file(path):
-            f = self.files.get(path)
-            return {"mode": f["mode"], "user": "root", "group": "root", "mtime": f.get("mtime", datetime.now())} if f else None
+    def fact(self, fact_cls, *args, **kwargs):
+        """What pyinfra's ``get_fact`` returns on this host: the lines the fact's command would
+        print here, read by the fact's own ``process()`` (its ``default()`` when the command
+        prints nothing, as pyinfra does)."""
+        output = self.outputs().get(fact_cls)
+        if output is None:
+            raise AssertionError(f"unexpected fact {fact_cls.__name__}({args}, {kwargs})")
+        fact = fact_cls()
+        # As pyinfra does before reading the output: FileContents and the hash facts keep what
+        # process() compares against, and a wrong argument fails here as on a real host.
+        fact.command(*args, **kwargs)
+        lines = output(*args, **kwargs)
+        return fact.process(lines) if lines else fact.default()
 
-        def digest(path):
-            f = self.files.get(path)
-            return f["sha1"] if f else None
-
-        def contents(path):
-            f = self.files.get(path)
-            return f["lines"] if f and f["lines"] is not None else None
-
-        def directory(path):
-            owner = self.dirs.get(path.rstrip("/"))
-            mode = self.dir_modes.get(path.rstrip("/"), 755)
-            return {"mode": mode, "user": owner, "group": owner} if owner else None
-
-        def link(path):
-            return {"link_target": self.links[path], "mode": 777} if path in self.links else None
-
+    def outputs(self) -> dict[type, Callable[..., list[str]]]:
+        """What each fact's command prints on this host, for the fact's arguments."""
         return {
-            "LinuxDistribution": self.distro, "Os": "Linux", "LinuxName": self.distro["name"], "TmpDir": "/tmp",
-            "Which": lambda command: f"/usr/sbin/{command}", "Date": datetime.now(), "Command": lambda command: self._command(command),
-            "File": file, "Directory": directory, "Link": link, "FileContents": contents,
-            "Sha1File": digest, "Md5File": lambda path: None, "Sha256File": lambda path: None,
-            "FindFiles": lambda path, fname="*", maxdepth=None: sorted(
-                f for f in self.files if f.startswith(path.rstrip("/") + "/") and fnmatch(Path(f).name, fname)),
-            "CompleteDirs": lambda parent, marker: sorted(
-                (f.rsplit("/", 1)[0] for f in self.files if f.startswith(parent + "/") and f.endswith("/" + marker)),
-                key=lambda d: -self.files[f"{d}/{marker}"]["order"]),
-            "InstanceModels": lambda env_dir: {
-                line.split("--model ")[1].split()[0] for path, f in self.files.items()
-                if path.startswith(env_dir + "/") and path.endswith(".env") for line in f["lines"] if "--model " in line},
-            "Users": self.users, "Groups": [], "DebPackages": self.packages,
-            "PciNvidia": {"gpus": self.gpu.pci_gpus, "nvswitches": self.gpu.nvswitches},
-            "NvidiaModuleVersion": lambda: self.gpu.loaded, "SecureBoot": self.gpu.secure_boot,
-            "AptHolds": lambda: sorted(self.gpu.holds), "KernelVersion": "6.8.0-45-generic",
-            "SystemdStatus": lambda *a, **k: {u: True for u in self.running},
-            "InstanceReleases": lambda links_dir: {
-                Path(l).name: {"venv": t, "release": (self.files.get(f"{t}/.release") or {"lines": [Path(t).name]})["lines"][0]}
-                for l, t in self.links.items() if l.startswith(links_dir + "/")},
-            "SystemdEnabled": lambda *a, **k: {u: True for u in self.enabled},
+            LinuxDistribution: self._os_release, Os: lambda: ["Linux"], TmpDir: lambda: ["/tmp"],
+            KernelVersion: lambda: ["6.8.0-45-generic"], Which: lambda command: [f"/usr/sbin/{command}"],
+            Date: lambda: [datetime.now().astimezone().strftime(ISO_DATE_FORMAT)],
+            Command: lambda command: self._command(command).splitlines(),
+            File: self._stat, Directory: self._stat, Link: self._stat,
+            # For a missing file FileContents' command echoes pyinfra's marker and the path.
+            FileContents: lambda path: self.files[path]["lines"] if path in self.files else [MISSING + path],
+            Sha1File: lambda path: [f"{self.files[path]['sha1']}  {path}"] if path in self.files else [],
+            FindFiles: lambda path, fname="*", maxdepth=None: sorted(
+                f for f in self.files if fnmatch(Path(f).name, fname)
+                and Path(path) in Path(f).parents[:maxdepth]),
+            Users: self._users, Groups: lambda: [f"{group}:x:{gid}:" for gid, group in enumerate(dict.fromkeys(
+                u["group"] for u in self.users.values()))],
+            DebPackages: lambda: [f"{'h' if name in self.gpu.holds else 'i'}i  {name}  {version}  amd64  simulated"
+                                  for name, versions in self.packages.items() for version in versions],
+            SystemdStatus: lambda services=None, **_: self._systemctl_show(
+                services, "SubState", self.running, ("running", "dead")),
+            SystemdEnabled: lambda services=None, **_: self._systemctl_show(
+                services, "UnitFileState", self.enabled, ("enabled", "disabled")),
+            facts.PciNvidia: lambda: ["0x030200"] * self.gpu.pci_gpus + ["0x068000"] * self.gpu.nvswitches,
+            facts.NvidiaModuleVersion: lambda: [self.gpu.loaded] if self.gpu.loaded else [],
+            facts.SecureBoot: lambda: [f"SecureBoot {'enabled' if self.gpu.secure_boot else 'disabled'}"],
+            facts.AptHolds: lambda: sorted(self.gpu.holds),
+            facts.CompleteDirs: self._complete_dirs, facts.InstanceReleases: self._instance_links,
+            facts.InstanceModels: lambda env_dir: [line for path, f in sorted(self.files.items())
+                                                   if Path(path).parent == Path(env_dir) and path.endswith(".env")
+                                                   for line in f["lines"] if line.startswith("ENGINE_ARGS=")],
         }
+
+    def _os_release(self) -> list[str]:
+        """``/etc/*-release`` as LinuxDistribution's command prints it: each file's name, its
+        lines, then ``---``."""
+        major, minor = self.distro["major"], self.distro["minor"]
+        version = f"{major}" if minor is None else f"{major}.{minor:02d}"
+        return ["/etc/os-release", f'NAME="{self.distro["name"]}"', f"ID={self.distro['release_meta']['ID']}",
+                f'VERSION_ID="{version}"', "---"]
+
+    def _users(self) -> list[str]:
+        """Users' command: each /etc/passwd line, then the primary group, all groups, last login
+        and password hash."""
+        return [(f"{name}:x:{uid}:{uid}::{u['home'] or ''}:{u['shell'] or ''}|{u['group']}|"
+                 f"{' '.join([u['group'], *u['groups']])}||") for uid, (name, u) in enumerate(self.users.items())]
+
+    def _stat(self, path: str) -> list[str]:
+        """``stat -c 'user=%U group=%G mode=%A ...' path``, as File, Directory and Link run it."""
+        path = path.rstrip("/") or "/"
+        if path in self.links:
+            kind, owner, mode, name = "l", "root", 777, f"'{path}' -> '{self.links[path]}'"
+        elif path in self.files:
+            kind, owner, mode, name = "-", "root", self.files[path]["mode"], f"'{path}'"
+        elif path in self.dirs:
+            kind, owner, mode, name = "d", self.dirs[path], self.dir_modes.get(path, 755), f"'{path}'"
+        else:
+            return []  # the command's test for the path fails: nothing printed
+        mtime = int(self.files.get(path, {}).get("mtime", datetime.now()).timestamp())
+        perms = "".join("rwx"[i] if int(digit) & (4 >> i) else "-" for digit in f"{mode:03d}" for i in range(3))
+        times = f"atime={mtime} mtime={mtime} ctime={mtime}"
+        return [f"user={owner} group={owner} mode={kind}{perms} {times} size=0 {name}"]
+
+    def _systemctl_show(self, services, prop: str, on: set[str], values: tuple[str, str]) -> list[str]:
+        """``systemctl show --property Id --property PROP UNIT...``: a block per unit asked for, or
+        per unit the host knows when none is named."""
+        units = [services] if isinstance(services, str) else services or sorted(self.running | self.enabled)
+        return [line for unit in units
+                for line in (f"Id={unit}", f"{prop}={values[0] if unit in on else values[1]}", "")]
+
+    def _complete_dirs(self, parent: str, marker: str) -> list[str]:
+        """``ls -1t PARENT/*/MARKER``: the markers one folder down, newest first."""
+        found = [f for f in self.files if Path(f).name == marker and Path(f).parent.parent == Path(parent)]
+        return sorted(found, key=lambda f: -self.files[f]["order"])
+
+    def _instance_links(self, links_dir: str) -> list[str]:
+        """``echo "NAME $(readlink L) $(cat L/.release)"`` for each link in the folder."""
+        lines = []
+        for link, target in sorted(self.links.items()):
+            if Path(link).parent == Path(links_dir):
+                release = self.files.get(f"{target}/.release", {"lines": [""]})["lines"][0]
+                lines.append(f"{Path(link).name} {target} {release}")
+        return lines
 
     def _pinned_driver(self) -> str | None:
         """The version the apt pin file holds the driver to (what apt would install)."""
@@ -293,11 +357,11 @@ class SimulatedHost:
             opts = dict(zip(args[::2], args[1::2]))
             self.users[args[-1]] = self._user(opts.get("-d"), opts.get("-s"), args[-1])
         elif cmd == "touch" and args[-1] == self.APT_STAMP:
-            self.files[self.APT_STAMP] = {"sha1": "", "mode": 644, "lines": []}
+            self.files[self.APT_STAMP] = _written([])
         elif cmd in ("echo", "printf") and ">" in args:
             value = args[args.index(">") - 1]
             self._writes += 1
-            self.files[args[-1]] = {"sha1": "", "mode": 644, "lines": [value], "order": self._writes}
+            self.files[args[-1]] = _written([value], order=self._writes)
         elif cmd == "rm" and args[0] == "-rf":
             for path in args[1:]:
                 for f in [f for f in self.files if f == path or f.startswith(path + "/")]:
@@ -315,7 +379,8 @@ class SimulatedHost:
         elif cmd == "mv" and args[-2] in self.links:
             self.links[args[-1]] = self.links.pop(args[-2])
         elif cmd == "mv":
-            self.files[args[-1]] = self.files.pop(args[-2], {"sha1": "", "mode": 644, "lines": []})
+            # A source the simulation never wrote is files.download's temporary file: not fetched here.
+            self.files[args[-1]] = self.files.pop(args[-2], None) or _written([])
         elif cmd == "apt-mark" and args[0] == "hold":
             self.gpu.holds.update(args[1:])
         elif cmd == "reboot" or cmd == "modprobe" and args == ["nvidia"]:
@@ -348,6 +413,12 @@ class GpuState:
     holds: set = field(default_factory=set)
     readings: dict = field(default_factory=dict)  # what gpu_probe.py readings prints
     burnin: dict = field(default_factory=dict)
+
+
+def _written(lines: list[str], **extra) -> dict:
+    """A file a shell command wrote (echo, printf '%s\\n', touch): newline-terminated lines."""
+    return {"sha1": hashlib.sha1("".join(f"{line}\n" for line in lines).encode()).hexdigest(), "mode": 644,
+            "lines": lines, **extra}
 
 
 def _io_bytes(stream) -> bytes:

@@ -1,7 +1,6 @@
 """Every inventory in inventories/ plans without error, as `vllm-fleet plan` runs it (no host is
 contacted). The lab's inventory needs the running lab, so tests/lab plans it."""
 
-from pathlib import Path
 
 import pytest
 
