@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from roles.common import GIB
 from roles.errors import FleetConfigError
 from roles.plan.gpus import GPUS, GpuSpec
 from roles.plan.model import (
@@ -38,8 +39,6 @@ from roles.plan.model import (
     resolve_weight_dtype,
     weight_bytes,
 )
-
-GIB = 1 << 30
 
 RESERVE_BYTES_PER_GPU = 2 * GIB
 """Memory per GPU kept out of the KV cache besides the weights.
@@ -175,16 +174,8 @@ def _seq_bytes(arch: ModelArch, tokens: int, kv_b: int, tp: int, block: int) -> 
     return kv_bytes(arch, _round_up(tokens, block), kv_b, tp)
 
 
-def _fits(arch, gpu, util, tp, dtype, quant, kv_b, need_tokens) -> _Layout | None:
-    lay = _layout(arch, gpu, util, tp, dtype, quant)
-    if lay.budget > 0 and lay.budget >= _seq_bytes(arch, need_tokens, kv_b, tp, GPU_BLOCK_SIZE):
-        return lay
-    return None
-
-
 def _tokens(arch, lay: _Layout, kv_b: int, tp: int) -> int:
-    per_token = kv_bytes(arch, 1, kv_b, tp)
-    return _round_down(max(lay.budget, 0) / per_token, GPU_BLOCK_SIZE)
+    return _round_down(max(lay.budget, 0) / kv_bytes(arch, 1, kv_b, tp), GPU_BLOCK_SIZE)
 
 
 def plan_capacity(arch: ModelArch, dep: Deployment, host_gpus: int | None = None, *,
@@ -192,208 +183,310 @@ def plan_capacity(arch: ModelArch, dep: Deployment, host_gpus: int | None = None
     """Check one instance of ``arch`` deployed as ``dep`` on a host with ``host_gpus`` GPUs (None:
     not checked); return its ``Fit`` or raise ``FleetConfigError``. ``where`` prefixes the field
     names in messages (e.g. ``"host gpu1: instance a: "``)."""
-    tp = dep.gpus_per_instance
-    gpu = dep.gpu
-    f = lambda name: f"{where}`{name}`"  # noqa: E731
-    notes: list[str] = []
+    outcome = _fit_or_refusal(arch, dep, host_gpus, where)
+    if isinstance(outcome, FleetConfigError):
+        raise outcome
+    return outcome
 
-    # --- inputs that are simply invalid -----------------------------------------------------------
+
+def fits(arch: ModelArch, dep: Deployment, host_gpus: int | None = None) -> Fit | None:
+    """Would ``plan_capacity`` accept this instance? Its ``Fit`` if so, None where it would refuse: the
+    same checks, for probing settings (the smallest tensor-parallel size that fits, say) without
+    catching. Where ``plan_capacity`` fails with another exception, so does this."""
+    outcome = _fit_or_refusal(arch, dep, host_gpus, "")
+    return None if isinstance(outcome, FleetConfigError) else outcome
+
+
+def _fit_or_refusal(arch: ModelArch, dep: Deployment, host_gpus: int | None, where: str) -> Fit | FleetConfigError:
+    """The checks in the order they run. Each returns its refusal, or None when it passes; the first
+    refusal is the answer, returned rather than raised so that ``fits`` need not catch it."""
+    if refusal := _check_inputs(arch, dep, where):
+        return refusal
+    inst = _resolve(arch, dep, host_gpus, where)
+    if refusal := _check_number_formats(inst) or _check_tensor_parallel(inst) or _check_max_model_len(inst):
+        return refusal
+    room = _room(inst)
+    if refusal := _refuse_no_room(inst, room) or _refuse_kv(inst, room):
+        return refusal
+    limits = _derive_limits(inst, room)
+    decode, decode_notes = _decode_ceiling(inst, room, limits.max_model_len)
+    return _fit(inst, room, limits, decode, decode_notes)
+
+
+# --- the steps, in the order they run -------------------------------------------------------------
+
+
+def _weight_dtype(arch: ModelArch, dep: Deployment) -> str:
+    """``vllm_dtype`` with ``auto`` resolved for the GPU."""
+    return resolve_weight_dtype(arch, dep.weight_dtype, bf16=dep.gpu.bf16 if dep.gpu else True)
+
+
+def _check_inputs(arch: ModelArch, dep: Deployment, where: str) -> FleetConfigError | None:
+    """Settings that are invalid whatever the model and GPU."""
+    tp = dep.gpus_per_instance
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise FleetConfigError(f("vllm_tensor_parallel_size"), f"must be a positive integer, got {tp!r}.",
-                               "set it to the number of GPUs one instance is split across (1, 2, 4 or 8).")
-    if gpu is not None and not 0 < dep.gpu_memory_utilization <= 1:
-        raise FleetConfigError(f("vllm_gpu_memory_utilization"),
-                               f"must be above 0 and at most 1, got {dep.gpu_memory_utilization!r}.",
-                               "use a fraction such as 0.90 (0.95 on a GPU nothing else uses).")
+        return FleetConfigError(f"{where}`vllm_tensor_parallel_size`", f"must be a positive integer, got {tp!r}.",
+                                "set it to the number of GPUs one instance is split across (1, 2, 4 or 8).")
+    # A CPU instance's KV cache is a byte count; the utilization is not used there.
+    if dep.gpu is not None and not 0 < dep.gpu_memory_utilization <= 1:
+        return FleetConfigError(f"{where}`vllm_gpu_memory_utilization`",
+                                f"must be above 0 and at most 1, got {dep.gpu_memory_utilization!r}.",
+                                "use a fraction such as 0.90 (0.95 on a GPU nothing else uses).")
     if dep.quantization is not None and dep.quantization not in QUANTIZATIONS:
-        raise FleetConfigError(f("vllm_quantization"), f"{dep.quantization!r} is not one the planner knows.",
-                               f"use one of {', '.join(QUANTIZATIONS)}, or leave it unset.")
+        return FleetConfigError(f"{where}`vllm_quantization`", f"{dep.quantization!r} is not one the planner knows.",
+                                f"use one of {', '.join(QUANTIZATIONS)}, or leave it unset.")
     if dep.kv_cache_dtype != "auto" and dep.kv_cache_dtype not in KV_CACHE_BYTES:
-        raise FleetConfigError(f("vllm_kv_cache_dtype"), f"{dep.kv_cache_dtype!r} is not a KV-cache dtype.",
-                               f"use auto or one of {', '.join(KV_CACHE_BYTES)}.")
-    dtype = resolve_weight_dtype(arch, dep.weight_dtype, bf16=gpu.bf16 if gpu else True)
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise FleetConfigError(f("vllm_dtype"), f"{dep.weight_dtype!r} is not a weight dtype.",
-                               "use auto, bfloat16, float16 or float32 (quantization is a separate setting).")
-    quant = dep.quantization
+        return FleetConfigError(f"{where}`vllm_kv_cache_dtype`", f"{dep.kv_cache_dtype!r} is not a KV-cache dtype.",
+                                f"use auto or one of {', '.join(KV_CACHE_BYTES)}.")
+    if _weight_dtype(arch, dep) not in ("bfloat16", "float16", "float32"):
+        return FleetConfigError(f"{where}`vllm_dtype`", f"{dep.weight_dtype!r} is not a weight dtype.",
+                                "use auto, bfloat16, float16 or float32 (quantization is a separate setting).")
+    return None
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """One instance whose inputs passed ``_check_inputs``, resolved: what every later step reads."""
+    arch: ModelArch
+    dep: Deployment
+    host_gpus: int | None
+    where: str
+    tp: int
+    gpu: GpuSpec | None
+    dtype: str  # vllm_dtype, `auto` resolved
+    quant: str | None  # the deployment's quantization, else a pre-quantized checkpoint's
+    kv_b: int  # bytes per KV-cache element
+    need: int  # tokens one sequence must hold: max_model_len, or one block when that is derived
+
+    def field(self, name: str) -> str:
+        return f"{self.where}`{name}`"
+
+    def refuse(self, name: str, problem: str, fix: str) -> FleetConfigError:
+        return FleetConfigError(self.field(name), problem, fix)
+
+
+def _resolve(arch: ModelArch, dep: Deployment, host_gpus: int | None, where: str) -> _Instance:
+    dtype, quant = _weight_dtype(arch, dep), dep.quantization
     if quant is None and arch.quantization in QUANTIZATIONS:
         quant = arch.quantization  # a pre-quantized checkpoint is served quantized
-    kv_b = kv_dtype_bytes(dep.kv_cache_dtype, dtype)
+    need = dep.max_model_len or GPU_BLOCK_SIZE  # a derived length needs at least one block
+    return _Instance(arch, dep, host_gpus, where, dep.gpus_per_instance, dep.gpu, dtype, quant,
+                     kv_dtype_bytes(dep.kv_cache_dtype, dtype), need)
 
-    # --- refusal 5: number formats the GPU does not compute in ------------------------------------
-    if gpu is not None:
-        fp8_gpus = ", ".join(sorted(k for k, g in GPUS.items() if g.fp8))
-        if quant == "fp8" and not gpu.fp8:
-            raise FleetConfigError(
-                f("vllm_quantization"), f"fp8 weights need a GPU with fp8 (Ada or Hopper); {gpu.name} has none.",
-                f"serve an AWQ or GPTQ (int4) checkpoint of the model instead, which runs on {gpu.name}, "
-                f"or use a GPU with fp8 ({fp8_gpus}).")
-        if dep.kv_cache_dtype.startswith("fp8") and not gpu.fp8:
-            raise FleetConfigError(
-                f("vllm_kv_cache_dtype"),
-                f"{dep.kv_cache_dtype} KV cache needs a GPU with fp8; {gpu.name} has none.",
-                f"set it to auto (16-bit KV cache), or use a GPU with fp8 ({fp8_gpus}).")
-        if dtype == "bfloat16" and not gpu.bf16:
-            raise FleetConfigError(f("vllm_dtype"), f"{gpu.name} does not compute in bfloat16.",
-                                   "set it to float16 (or auto, which picks float16 there).")
 
-    # --- refusal 4: tensor-parallel size ----------------------------------------------------------
-    limit = host_gpus if gpu is not None and host_gpus else max(TP_CHOICES)
-    valid = [t for t in TP_CHOICES if t <= limit and _tp_ok(arch, t)]
+def _check_number_formats(inst: _Instance) -> FleetConfigError | None:
+    """Number formats the GPU does not compute in: fp8 weights or KV cache, bfloat16."""
+    gpu, kv_dtype = inst.gpu, inst.dep.kv_cache_dtype
+    if gpu is None:
+        return None
+    fp8_gpus = ", ".join(sorted(k for k, g in GPUS.items() if g.fp8))
+    if inst.quant == "fp8" and not gpu.fp8:
+        return inst.refuse("vllm_quantization",
+                           f"fp8 weights need a GPU with fp8 (Ada or Hopper); {gpu.name} has none.",
+                           f"serve an AWQ or GPTQ (int4) checkpoint of the model instead, which runs on {gpu.name}, "
+                           f"or use a GPU with fp8 ({fp8_gpus}).")
+    if kv_dtype.startswith("fp8") and not gpu.fp8:
+        return inst.refuse("vllm_kv_cache_dtype", f"{kv_dtype} KV cache needs a GPU with fp8; {gpu.name} has none.",
+                           f"set it to auto (16-bit KV cache), or use a GPU with fp8 ({fp8_gpus}).")
+    if inst.dtype == "bfloat16" and not gpu.bf16:
+        return inst.refuse("vllm_dtype", f"{gpu.name} does not compute in bfloat16.",
+                           "set it to float16 (or auto, which picks float16 there).")
+    return None
+
+
+def _check_tensor_parallel(inst: _Instance) -> FleetConfigError | None:
+    """A tensor-parallel size that does not divide the heads, or needs more GPUs than the host has."""
+    arch, tp, host_gpus = inst.arch, inst.tp, inst.host_gpus
+    # The sizes suggested are bounded by the host's GPUs only on a GPU host that states them.
+    on_host = inst.gpu is not None and bool(host_gpus)
+    valid = [t for t in TP_CHOICES if t <= (host_gpus if on_host else max(TP_CHOICES)) and _tp_ok(arch, t)]
     valid_text = ", ".join(map(str, valid)) or "none"
     if not _tp_ok(arch, tp):
-        raise FleetConfigError(
-            f("vllm_tensor_parallel_size"),
-            f"tensor-parallel {tp} does not divide {arch.name}'s {arch.num_heads} attention heads "
-            f"({arch.num_kv_heads} KV heads) evenly across the GPUs.",
-            f"use a size that does: {valid_text}" + (f" (at most this host's {host_gpus} GPUs)." if
-                                                    gpu is not None and host_gpus else "."))
-    if gpu is not None and host_gpus is not None and tp > host_gpus:
-        raise FleetConfigError(
-            f("vllm_tensor_parallel_size"),
-            f"tensor-parallel {tp} needs {tp} GPUs in one host; this host has {host_gpus}.",
-            f"lower it to one of {valid_text}, or run the instance on a host with {tp} or more GPUs.")
+        return inst.refuse("vllm_tensor_parallel_size",
+                           f"tensor-parallel {tp} does not divide {arch.name}'s {arch.num_heads} attention heads "
+                           f"({arch.num_kv_heads} KV heads) evenly across the GPUs.",
+                           f"use a size that does: {valid_text}"
+                           + (f" (at most this host's {host_gpus} GPUs)." if on_host else "."))
+    if inst.gpu is not None and host_gpus is not None and tp > host_gpus:
+        return inst.refuse("vllm_tensor_parallel_size",
+                           f"tensor-parallel {tp} needs {tp} GPUs in one host; this host has {host_gpus}.",
+                           f"lower it to one of {valid_text}, or run the instance on a host with {tp} or more GPUs.")
+    return None
 
-    # --- refusal 2: longer than the model was built for -------------------------------------------
-    max_pos = arch.max_position_embeddings
-    if dep.max_model_len is not None and max_pos and dep.max_model_len > max_pos:
-        raise FleetConfigError(
-            f("vllm_max_model_len"),
-            f"{dep.max_model_len:,} tokens is above {arch.name}'s max_position_embeddings of {max_pos:,}.",
-            f"set it to {max_pos:,} or less: vLLM refuses a longer one, and the model was not trained "
-            f"for positions past its limit.")
 
-    need = dep.max_model_len or GPU_BLOCK_SIZE  # a derived length needs at least one block
-    if gpu is None:
-        block = CPU_BLOCK_SIZE
-        total = weight_bytes(arch, dtype, quant)
+def _check_max_model_len(inst: _Instance) -> FleetConfigError | None:
+    """A max_model_len longer than the model was built for."""
+    asked, max_pos = inst.dep.max_model_len, inst.arch.max_position_embeddings
+    if asked is None or not max_pos or asked <= max_pos:
+        return None
+    return inst.refuse("vllm_max_model_len",
+                       f"{asked:,} tokens is above {inst.arch.name}'s max_position_embeddings of {max_pos:,}.",
+                       f"set it to {max_pos:,} or less: vLLM refuses a longer one, and the model was not trained "
+                       f"for positions past its limit.")
+
+
+@dataclass(frozen=True)
+class _Room:
+    """Where one instance's memory goes, per GPU, and how many tokens that leaves."""
+    block: int
+    lay: _Layout
+    active: int  # weight bytes one decoded token reads, all GPUs together
+    per_token: int
+    kv_tokens: int
+    longest: int  # the longest one sequence the KV cache holds (whole blocks), at most the model's limit
+
+
+def _room(inst: _Instance) -> _Room:
+    arch, dep, tp, kv_b = inst.arch, inst.dep, inst.tp, inst.kv_b
+    block = CPU_BLOCK_SIZE if inst.gpu is None else GPU_BLOCK_SIZE
+    if inst.gpu is None:
+        total = weight_bytes(arch, inst.dtype, inst.quant)
+        # On CPU the KV cache is exactly the size asked for; the weights live in host memory beside it.
         lay = _Layout(total, math.ceil(total / tp), dep.cpu_kv_cache_bytes, 0, dep.cpu_kv_cache_bytes)
-        notes.append(f"CPU: the weights ({_gb(total)}) live in host memory besides the "
-                     f"{_gb(lay.budget)} KV cache.")
     else:
-        block = GPU_BLOCK_SIZE
-        lay = _layout(arch, gpu, dep.gpu_memory_utilization, tp, dtype, quant)
+        lay = _layout(arch, inst.gpu, dep.gpu_memory_utilization, tp, inst.dtype, inst.quant)
     per_token = kv_bytes(arch, 1, kv_b, tp)
-    kv_tokens = _round_down(max(lay.budget, 0) / per_token, block)
-
-    def fixes_more_memory(need_tokens: int) -> list[str]:
-        """Other tensor-parallel sizes and quantizations that would fit ``need_tokens`` per sequence."""
-        out = []
-        bigger = [t for t in TP_CHOICES if t > tp and _tp_ok(arch, t)]
-        for t in bigger:
-            alt = _fits(arch, gpu, dep.gpu_memory_utilization, t, dtype, quant, kv_b, need_tokens)
-            if alt:
-                host = (f"; needs a host with {t} GPUs, this one has {host_gpus}"
-                        if host_gpus is not None and t > host_gpus else "")
-                out.append(f"set {f('vllm_tensor_parallel_size')} to {t} ({_gb(alt.weights_per_gpu)} of weights "
-                           f"per GPU, leaves {_gb(alt.budget)} per GPU for KV cache = "
-                           f"{_tokens(arch, alt, kv_b, t):,} tokens{host})")
-                break
-        if quant is None:
-            options = ["fp8"] if gpu.fp8 else []
-            options.append("awq")
-            for q in options:
-                hit = next(((t, alt) for t in [tp, *bigger] if (alt := _fits(
-                    arch, gpu, dep.gpu_memory_utilization, t, dtype, q, kv_b, need_tokens))), None)
-                if hit is None:
-                    continue
-                t, alt = hit
-                how = (f"`--quantization fp8`, on the fly from this checkpoint; {gpu.name} has fp8" if q == "fp8"
-                       else "an AWQ (int4) checkpoint of the model; GPTQ is the same size")
-                size = (_gb(alt.weights_total) if t == 1 else
-                        f"{_gb(alt.weights_total)}, {_gb(alt.weights_per_gpu)} per GPU")
-                out.append(f"quantize the weights: {q} ({size} at tensor-parallel {t}, leaves "
-                           f"{_gb(alt.budget)} per GPU for KV cache = "
-                           f"{_tokens(arch, alt, kv_b, t):,} tokens; {how})")
-                break
-        return out
-
-    # --- refusal 1: the weights alone do not fit ----------------------------------------------------
-    if gpu is not None and lay.budget <= 0:
-        quant_text = f" quantized to {quant}" if quant else ""
-        fixes = fixes_more_memory(need) or [
-            "use a GPU with more memory (add one with `vllm_gpu_types`) or a smaller model"]
-        raise FleetConfigError(
-            f("vllm_tensor_parallel_size"),
-            f"{arch.name} in {dtype}{quant_text} needs {_gb(lay.weights_total)} of weights, "
-            f"{_gb(lay.weights_per_gpu)} per GPU at tensor-parallel {tp}; one {gpu.name} holds "
-            f"{_gb(gpu.memory_bytes)} × {dep.gpu_memory_utilization:g} = {_gb(lay.usable)}, of which "
-            f"{_gb(lay.reserve)} is kept for activations and CUDA graphs.",
-            "; or ".join(fixes) + ".")
-
-    # --- refusal 3: not even one sequence of max_model_len fits in the KV cache ----------------------
     longest = _longest_sequence(arch, max(lay.budget, 0), kv_b, tp, block)
-    if max_pos:
-        longest = min(longest, max_pos)
-    seq = _seq_bytes(arch, need, kv_b, tp, block)
-    if lay.budget < seq:
-        what = f"a {need:,}-token sequence" if dep.max_model_len else "one block of tokens"
-        if gpu is None:
-            problem = (f"{what} of {arch.name} needs {_gb(seq)} of KV cache ({kv_b}-byte elements) but the "
-                       f"CPU KV cache is {_gb(lay.budget)} ({lay.budget:,} bytes): {kv_tokens:,} tokens.")
-            fixes = [f"raise `vllm_kv_cache_bytes` to at least {_round_up(seq, 1 << 20):,}"]
-        else:
-            problem = (f"{what} of {arch.name} needs {_gb(seq)} of KV cache per GPU but only {_gb(lay.budget)} "
-                       f"is left: {_gb(lay.usable)} usable − {_gb(lay.weights_per_gpu)} of weights − "
-                       f"{_gb(lay.reserve)} reserve, {kv_tokens:,} tokens.")
-            fixes = fixes_more_memory(need)
-            if dep.gpu_memory_utilization < 0.95:
-                alt = _fits(arch, gpu, 0.95, tp, dtype, quant, kv_b, need)
-                if alt:
-                    fixes.append(f"raise {f('vllm_gpu_memory_utilization')} to 0.95 "
-                                 f"({_tokens(arch, alt, kv_b, tp):,} tokens; only if nothing else uses the GPU)")
-            if kv_b > 1 and gpu.fp8:
-                fixes.append(f"set {f('vllm_kv_cache_dtype')} to fp8 (about {kv_b}× the tokens)")
-        if longest >= block:
-            fixes.insert(0, f"set {f('vllm_max_model_len')} to {longest:,} or less")
-        raise FleetConfigError(f("vllm_max_model_len"), problem, "; or ".join(fixes) + ".")
+    if arch.max_position_embeddings:
+        longest = min(longest, arch.max_position_embeddings)
+    return _Room(block, lay, weight_bytes(arch, inst.dtype, inst.quant, active=True), per_token,
+                 _round_down(max(lay.budget, 0) / per_token, block), longest)
 
-    # --- it fits: derive what was not given ------------------------------------------------------------
-    if dep.max_model_len is not None:
-        max_model_len = dep.max_model_len
+
+def _fitting_layout(inst: _Instance, tp: int, quant: str | None, util: float | None = None) -> _Layout | None:
+    """The GPU layout at ``tp``, ``quant`` and ``util`` (None: the deployment's) if one sequence fits."""
+    util = inst.dep.gpu_memory_utilization if util is None else util
+    lay = _layout(inst.arch, inst.gpu, util, tp, inst.dtype, quant)
+    one_sequence = lay.budget > 0 and lay.budget >= _seq_bytes(inst.arch, inst.need, inst.kv_b, tp, GPU_BLOCK_SIZE)
+    return lay if one_sequence else None
+
+
+def _alternatives(inst: _Instance) -> list[str]:
+    """Other tensor-parallel sizes and quantizations that would fit: the first of each that does."""
+    arch, kv_b, gpu, out = inst.arch, inst.kv_b, inst.gpu, []
+    bigger = [t for t in TP_CHOICES if t > inst.tp and _tp_ok(arch, t)]
+    if hit := next(((t, alt) for t in bigger if (alt := _fitting_layout(inst, t, inst.quant))), None):
+        t, alt = hit
+        host = (f"; needs a host with {t} GPUs, this one has {inst.host_gpus}"
+                if inst.host_gpus is not None and t > inst.host_gpus else "")
+        out.append(f"set {inst.field('vllm_tensor_parallel_size')} to {t} ({_gb(alt.weights_per_gpu)} of weights "
+                   f"per GPU, leaves {_gb(alt.budget)} per GPU for KV cache = "
+                   f"{_tokens(arch, alt, kv_b, t):,} tokens{host})")
+    if inst.quant is not None:  # quantizing is offered only for weights not quantized already
+        return out
+    quants = (["fp8"] if gpu.fp8 else []) + ["awq"]  # fp8 first where the GPU has it
+    if hit := next(((q, t, alt) for q in quants for t in [inst.tp, *bigger]
+                    if (alt := _fitting_layout(inst, t, q))), None):
+        q, t, alt = hit
+        how = (f"`--quantization fp8`, on the fly from this checkpoint; {gpu.name} has fp8" if q == "fp8"
+               else "an AWQ (int4) checkpoint of the model; GPTQ is the same size")
+        size = _gb(alt.weights_total) if t == 1 else f"{_gb(alt.weights_total)}, {_gb(alt.weights_per_gpu)} per GPU"
+        out.append(f"quantize the weights: {q} ({size} at tensor-parallel {t}, leaves "
+                   f"{_gb(alt.budget)} per GPU for KV cache = {_tokens(arch, alt, kv_b, t):,} tokens; {how})")
+    return out
+
+
+def _refuse_no_room(inst: _Instance, room: _Room) -> FleetConfigError | None:
+    """On a GPU, the weights and the reserve alone take all the usable memory."""
+    gpu, lay = inst.gpu, room.lay
+    if gpu is None or lay.budget > 0:
+        return None
+    quant_text = f" quantized to {inst.quant}" if inst.quant else ""
+    fixes = _alternatives(inst) or ["use a GPU with more memory (add one with `vllm_gpu_types`) or a smaller model"]
+    return inst.refuse("vllm_tensor_parallel_size",
+                       f"{inst.arch.name} in {inst.dtype}{quant_text} needs {_gb(lay.weights_total)} of weights, "
+                       f"{_gb(lay.weights_per_gpu)} per GPU at tensor-parallel {inst.tp}; one {gpu.name} holds "
+                       f"{_gb(gpu.memory_bytes)} × {inst.dep.gpu_memory_utilization:g} = {_gb(lay.usable)}, of which "
+                       f"{_gb(lay.reserve)} is kept for activations and CUDA graphs.",
+                       "; or ".join(fixes) + ".")
+
+
+def _refuse_kv(inst: _Instance, room: _Room) -> FleetConfigError | None:
+    """Not even one sequence of max_model_len (one block, when derived) fits in the KV cache."""
+    lay, kv_b, gpu = room.lay, inst.kv_b, inst.gpu
+    seq = _seq_bytes(inst.arch, inst.need, kv_b, inst.tp, room.block)
+    if lay.budget >= seq:
+        return None
+    what = f"a {inst.need:,}-token sequence" if inst.dep.max_model_len else "one block of tokens"
+    if gpu is None:
+        problem = (f"{what} of {inst.arch.name} needs {_gb(seq)} of KV cache ({kv_b}-byte elements) but the "
+                   f"CPU KV cache is {_gb(lay.budget)} ({lay.budget:,} bytes): {room.kv_tokens:,} tokens.")
+        fixes = [f"raise `vllm_kv_cache_bytes` to at least {_round_up(seq, 1 << 20):,}"]
     else:
-        max_model_len = longest
-        if max_pos and longest < max_pos:
-            notes.append(f"max_model_len derived as {longest:,} (the model allows {max_pos:,}): pass it as "
-                         f"--max-model-len, else vLLM takes the model's limit and refuses to start.")
-    max_concurrent = lay.budget // _seq_bytes(arch, max_model_len, kv_b, tp, block)
-    if dep.max_num_seqs is not None:
-        max_num_seqs = dep.max_num_seqs
-    else:
-        max_num_seqs = min(MAX_NUM_SEQS_CAP, max(1, max_concurrent))
+        problem = (f"{what} of {inst.arch.name} needs {_gb(seq)} of KV cache per GPU but only {_gb(lay.budget)} "
+                   f"is left: {_gb(lay.usable)} usable − {_gb(lay.weights_per_gpu)} of weights − "
+                   f"{_gb(lay.reserve)} reserve, {room.kv_tokens:,} tokens.")
+        fixes = _alternatives(inst)
+        if inst.dep.gpu_memory_utilization < 0.95 and (alt := _fitting_layout(inst, inst.tp, inst.quant, 0.95)):
+            fixes.append(f"raise {inst.field('vllm_gpu_memory_utilization')} to 0.95 "
+                         f"({_tokens(inst.arch, alt, kv_b, inst.tp):,} tokens; only if nothing else uses the GPU)")
+        if kv_b > 1 and gpu.fp8:
+            fixes.append(f"set {inst.field('vllm_kv_cache_dtype')} to fp8 (about {kv_b}× the tokens)")
+    if room.longest >= room.block:
+        fixes.insert(0, f"set {inst.field('vllm_max_model_len')} to {room.longest:,} or less")
+    return inst.refuse("vllm_max_model_len", problem, "; or ".join(fixes) + ".")
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_model_len: int
+    max_concurrent: int
+    max_num_seqs: int
+    notes: tuple[str, ...]
+
+
+def _derive_limits(inst: _Instance, room: _Room) -> _Limits:
+    """max_model_len and max_num_seqs, as given or derived, with the notes a reader of the Fit needs."""
+    arch, dep, max_pos, longest, notes = inst.arch, inst.dep, inst.arch.max_position_embeddings, room.longest, []
+    if inst.gpu is None:
+        notes.append(f"CPU: the weights ({_gb(room.lay.weights_total)}) live in host memory besides the "
+                     f"{_gb(room.lay.budget)} KV cache.")
+    max_model_len = longest if dep.max_model_len is None else dep.max_model_len
+    if dep.max_model_len is None and max_pos and longest < max_pos:
+        notes.append(f"max_model_len derived as {longest:,} (the model allows {max_pos:,}): pass it as "
+                     f"--max-model-len, else vLLM takes the model's limit and refuses to start.")
+    max_concurrent = room.lay.budget // _seq_bytes(arch, max_model_len, inst.kv_b, inst.tp, room.block)
+    max_num_seqs = min(MAX_NUM_SEQS_CAP, max(1, max_concurrent)) if dep.max_num_seqs is None else dep.max_num_seqs
+    if dep.max_num_seqs is None:
         notes.append(f"max_num_seqs derived as {max_num_seqs}: as many max-length sequences as the KV cache "
                      f"holds at once (at most {MAX_NUM_SEQS_CAP}), so none is ever preempted; raise it "
                      f"if most requests are much shorter than {max_model_len:,} tokens.")
-    if dep.max_num_seqs is not None and max_num_seqs > max_concurrent:
+    elif max_num_seqs > max_concurrent:
         notes.append(f"max_num_seqs {max_num_seqs} exceeds the {max_concurrent} max-length sequences the KV "
                      f"cache holds: long requests will be preempted and recomputed.")
     if arch.sliding_window_layers:
         notes.append(f"{len(arch.sliding_window_layers)} of {arch.num_layers} layers use a "
                      f"{arch.sliding_window:,}-token sliding window; kv_tokens counts every layer, "
                      f"max_concurrent_seqs caps those layers at the window.")
-    if tp > arch.num_kv_heads:
-        notes.append(f"{arch.num_kv_heads} KV heads over {tp} GPUs: each GPU keeps a replica of one KV head, "
+    if inst.tp > arch.num_kv_heads:
+        notes.append(f"{arch.num_kv_heads} KV heads over {inst.tp} GPUs: each GPU keeps a replica of one KV head, "
                      f"so KV cache is not split further.")
-    if quant in ("awq", "gptq") and arch.quantization != quant:
-        notes.append(f"{quant} needs a checkpoint quantized with {quant}; this config is {arch.torch_dtype}.")
+    if inst.quant in ("awq", "gptq") and arch.quantization != inst.quant:
+        notes.append(f"{inst.quant} needs a checkpoint quantized with {inst.quant}; this config is {arch.torch_dtype}.")
+    return _Limits(max_model_len, max_concurrent, max_num_seqs, tuple(notes))
 
-    decode = None
-    smallest = None
-    active = weight_bytes(arch, dtype, quant, active=True)
-    if gpu is not None:
-        step_bytes = active / tp + _seq_bytes(arch, max_model_len, kv_b, tp, block)
-        decode = gpu.bandwidth_bytes_per_s / step_bytes
-        notes.append(f"single-stream decode is bounded by memory bandwidth at {decode:.0f} tokens/s "
-                     f"({gpu.bandwidth_bytes_per_s / 1e12:.2f} TB/s over {_gb(step_bytes)} read per GPU "
-                     f"per token).")
-        smallest = next((t for t in TP_CHOICES if _tp_ok(arch, t) and _fits(
-            arch, gpu, dep.gpu_memory_utilization, t, dtype, quant, kv_b, need)), None)
 
+def _decode_ceiling(inst: _Instance, room: _Room, max_model_len: int) -> tuple[float | None, tuple[str, ...]]:
+    """Single-stream decode bound, tokens/s: bandwidth over the bytes one step reads per GPU (none on CPU)."""
+    if (gpu := inst.gpu) is None:
+        return None, ()
+    step_bytes = room.active / inst.tp + _seq_bytes(inst.arch, max_model_len, inst.kv_b, inst.tp, room.block)
+    decode = gpu.bandwidth_bytes_per_s / step_bytes
+    note = (f"single-stream decode is bounded by memory bandwidth at {decode:.0f} tokens/s "
+            f"({gpu.bandwidth_bytes_per_s / 1e12:.2f} TB/s over {_gb(step_bytes)} read per GPU per token).")
+    return decode, (note,)
+
+
+def _fit(inst: _Instance, room: _Room, limits: _Limits, decode: float | None, decode_notes: tuple[str, ...]) -> Fit:
+    lay = room.lay
+    smallest = None if inst.gpu is None else next(
+        (t for t in TP_CHOICES if _tp_ok(inst.arch, t) and _fitting_layout(inst, t, inst.quant)), None)
     return Fit(
-        tensor_parallel=tp, weight_dtype=dtype, quantization=quant, kv_cache_dtype_bytes=kv_b,
+        tensor_parallel=inst.tp, weight_dtype=inst.dtype, quantization=inst.quant, kv_cache_dtype_bytes=inst.kv_b,
         weight_bytes_total=lay.weights_total, weight_bytes_per_gpu=lay.weights_per_gpu,
-        active_weight_bytes=active, usable_bytes_per_gpu=lay.usable, reserve_bytes_per_gpu=lay.reserve,
-        budget_bytes_per_gpu=lay.budget, kv_bytes_per_token=per_token, block_size=block, kv_tokens=kv_tokens,
-        max_model_len=max_model_len, max_concurrent_seqs=max_concurrent, max_num_seqs=max_num_seqs,
-        decode_ceiling_tokens_per_s=decode, smallest_tp=smallest, notes=tuple(notes),
+        active_weight_bytes=room.active, usable_bytes_per_gpu=lay.usable, reserve_bytes_per_gpu=lay.reserve,
+        budget_bytes_per_gpu=lay.budget, kv_bytes_per_token=room.per_token, block_size=room.block,
+        kv_tokens=room.kv_tokens, max_model_len=limits.max_model_len, max_concurrent_seqs=limits.max_concurrent,
+        max_num_seqs=limits.max_num_seqs, decode_ceiling_tokens_per_s=decode, smallest_tp=smallest,
+        notes=limits.notes + decode_notes,
     )

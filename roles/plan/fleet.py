@@ -14,9 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from roles.common import sha256_file
 from roles.errors import FleetConfigError
 from roles.plan import settings
-from roles.plan.capacity import TP_CHOICES, Deployment, Fit, plan_capacity
+from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.model import ModelArch
 from roles.release.lock import Lock, lock_path, read_lock
@@ -125,14 +126,8 @@ class FleetPlan:
 @lru_cache(maxsize=8)
 def _checksums(path: Path, stamp: tuple) -> tuple[tuple[str, str], ...]:
     # ``stamp`` (sizes and mtimes) keys the cache: a deploy file runs once per host.
-    out = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out.append((f.relative_to(path).as_posix(), h.hexdigest()))
-    return tuple(out)
+    return tuple((f.relative_to(path).as_posix(), sha256_file(f))
+                 for f in sorted(p for p in path.rglob("*") if p.is_file()))
 
 
 def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model:
@@ -289,10 +284,8 @@ def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Ins
     for size in TP_CHOICES:
         if host_gpus is not None and size > host_gpus:
             break
-        try:
-            return plan_capacity(arch, deployment(size), host_gpus, where=where)
-        except FleetConfigError:
-            continue
+        if fit := fits(arch, deployment(size), host_gpus):
+            return fit
     return plan_capacity(arch, deployment(1), host_gpus, where=where)
 
 
