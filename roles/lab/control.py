@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from roles.errors import LabError
 from roles.lab.config import (
@@ -14,6 +15,7 @@ from roles.lab.config import (
     key_path,
     lab_document,
     lab_json,
+    netns_name,
 )
 from roles.lab.hosts import (
     boot_host,
@@ -42,6 +44,10 @@ def up(count: int) -> None:
     hosts = [{"name": host_name(i), "address": host_address(i)} for i in range(1, count + 1)]
     for host in hosts:
         name = host["name"]
+        if nspawn_pid(name) and not Path(f"/run/netns/{netns_name(name)}").exists():
+            # A host left running by an interrupted `down`: its network is gone, so boot it again.
+            say(f"{name} runs without its network namespace: restarting it")
+            stop_host(name)
         merged = ensure_overlay(name)
         write_hosts_file(merged, name, count)
         if nspawn_pid(name):
