@@ -1,6 +1,8 @@
 """A decoder-only transformer as its ``config.json`` describes it: parameters, weight bytes and
 KV-cache bytes per token, in the dtypes and quantizations vLLM runs (see ``roles.plan.capacity``
-for what fits where). Pure arithmetic: no pyinfra, no I/O except reading the config."""
+for what fits where). Multimodal configs are read through their ``text_config``, with the
+library defaults the engine applies to what they leave out, and their vision tower counted.
+Pure arithmetic: no pyinfra, no I/O except reading the config."""
 
 from __future__ import annotations
 
@@ -11,14 +13,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from roles.errors import FleetConfigError
+from roles.plan.quantization import LINEAR_KINDS, QuantScheme, checkpoint_scheme, on_the_fly
 
-WEIGHT_BYTES: dict[str, float] = {
-    "bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "awq": 0.5, "gptq": 0.5,
-}
-"""Bytes per weight of each dtype (``bfloat16``…) and quantization (``fp8``, ``awq``, ``gptq``)."""
-
-INT4_GROUP_OVERHEAD = (16 + 4) / 128 / 8
-"""Extra bytes per int4 weight (awq, gptq): an fp16 scale and a 4-bit zero point per group of 128."""
+WEIGHT_BYTES: dict[str, float] = {"bfloat16": 2, "float16": 2, "float32": 4}
+"""Bytes per weight of each unquantized dtype; quantized ones are ``roles.plan.quantization``'s."""
 
 KV_CACHE_BYTES: dict[str, int] = {
     "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
@@ -26,11 +24,28 @@ KV_CACHE_BYTES: dict[str, int] = {
 """Bytes per KV-cache element; ``auto`` (vLLM's default) means the weight dtype's, see ``kv_dtype_bytes``."""
 
 QUANTIZATIONS = ("fp8", "awq", "gptq")
+"""What ``vllm_quantization`` may ask for."""
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    # transformers' Gemma3TextConfig: google/gemma-3-*-it leave the vocabulary, the context and the
+    # local/global layer pattern to it.
+    "gemma3_text": {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "max_position_embeddings": 131_072, "tie_word_embeddings": True, "sliding_window": 4096,
+                    "sliding_window_pattern": 6},
+    # transformers' SiglipVisionConfig (Gemma 3's vision tower).
+    "siglip_vision_model": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                            "num_channels": 3, "image_size": 224, "patch_size": 16},
+}
+"""What transformers (and so vLLM, which builds on its config classes) fills in, per ``model_type``,
+for keys a config.json leaves out."""
+
+_TEXT_MODEL_TYPES = {"gemma3": "gemma3_text"}
+"""The text model of a multimodal model type, for a ``text_config`` that names none."""
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -63,9 +78,22 @@ class ModelArch:
     torch_dtype: str
     qkv_bias: bool
     o_bias: bool
+    mlp_bias: bool
+    """Biases on the MLP (and expert) projections: gpt-oss, or a config's ``mlp_bias``."""
+    router_bias: bool
+    attention_sinks: bool
+    """One learned logit per attention head and layer (gpt-oss)."""
+    qk_norm: bool
+    """RMSNorm over each query and key head (Gemma 3, Qwen 3)."""
     norms_per_layer: int
+    vision_params: int
+    """Vision tower and projector of a multimodal model: held in memory, not read when decoding."""
     quantization: str | None
     """``quant_method`` of a pre-quantized checkpoint (its ``quantization_config``), else None."""
+    checkpoint_quant: QuantScheme | None
+    """How that checkpoint stores its weights; None when unquantized or a method the planner does not model."""
+    config_notes: tuple[str, ...] = ()
+    """What the plan should say about the config itself (a format or tower it does not model)."""
 
     @property
     def full_attention_layers(self) -> int:
@@ -74,9 +102,7 @@ class ModelArch:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], name: str | None = None) -> "ModelArch":
         """Read a Hugging Face config.json dict (multimodal ones through their ``text_config``)."""
-        top = dict(cfg)
-        if "num_hidden_layers" not in top and isinstance(top.get("text_config"), Mapping):
-            top = {**top, **top["text_config"]}
+        top = _text_config(cfg)
         if name is None:
             name = (str(top.get("_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
                     or (top.get("architectures") or [None])[0] or top.get("model_type") or "model")
@@ -98,9 +124,9 @@ class ModelArch:
         if top.get("use_sliding_window") is False:  # Qwen2 declares a window it does not use
             window = None
         window = int(window) if window else None
-        quant = top.get("quantization_config")
-        quant = quant.get("quant_method") if isinstance(quant, Mapping) else None
-        quant = str(quant) if quant else None
+        vision_params, vision_notes = _vision_params(cfg, hidden)
+        quant, scheme, quant_notes = _checkpoint_quantization(top, layers)
+        gpt_oss = model_type == "gpt_oss"
         return cls(
             name=str(name),
             model_type=model_type,
@@ -112,7 +138,8 @@ class ModelArch:
             vocab_size=int(top["vocab_size"]),
             intermediate_size=intermediate,
             num_experts=num_experts,
-            experts_per_token=int(top.get("num_experts_per_tok") or 0) if num_experts else 0,
+            experts_per_token=int(top.get("num_experts_per_tok") or top.get("experts_per_token") or 0)
+            if num_experts else 0,
             moe_intermediate_size=int(top.get("moe_intermediate_size") or intermediate),
             shared_expert_intermediate_size=shared,
             sliding_window=window,
@@ -123,9 +150,16 @@ class ModelArch:
             torch_dtype=str(top.get("torch_dtype") or top.get("dtype") or "bfloat16"),
             qkv_bias=bool(top.get("attention_bias")) or model_type in ("qwen2", "qwen2_moe"),
             o_bias=bool(top.get("attention_bias")),
+            mlp_bias=bool(top.get("mlp_bias")) or gpt_oss,
+            router_bias=gpt_oss,
+            attention_sinks=gpt_oss,
+            qk_norm=model_type.startswith(("gemma3", "qwen3")),
             # Gemma 2 and 3 norm before and after both attention and MLP.
             norms_per_layer=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
+            vision_params=vision_params,
             quantization=quant,
+            checkpoint_quant=scheme,
+            config_notes=vision_notes + quant_notes,
         )
 
     @classmethod
@@ -140,6 +174,56 @@ class ModelArch:
             raise FleetConfigError(f"model config {config}", f"cannot be read: {exc}.",
                                    "point it at a model directory holding its Hugging Face config.json.") from exc
         return cls.from_config(cfg, name=name or config.parent.name or None)
+
+
+def _with_defaults(cfg: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+    return {**CONFIG_DEFAULTS.get(str(model_type), {}), **cfg}
+
+
+def _text_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The language model's keys: the config itself, or a multimodal config's ``text_config`` over
+    its top level; library defaults under both."""
+    text = cfg.get("text_config")
+    if "num_hidden_layers" in cfg or not isinstance(text, Mapping):
+        return _with_defaults(cfg, cfg.get("model_type"))
+    text_type = text.get("model_type") or _TEXT_MODEL_TYPES.get(str(cfg.get("model_type")), cfg.get("model_type"))
+    top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+    return _with_defaults({**top, **text, "model_type": text_type}, text_type)
+
+
+def _vision_params(cfg: Mapping[str, Any], text_hidden: int) -> tuple[int, tuple[str, ...]]:
+    """Parameters of a SigLIP/CLIP-style vision tower (patch and position embeddings, pre-norm
+    encoder layers with biased attention and MLP, a final norm; no pooling head, which
+    vision-language models switch off) and the linear projector to the text width (Gemma 3's,
+    with its RMSNorm)."""
+    if not isinstance(vision := cfg.get("vision_config"), Mapping):
+        return 0, ()
+    vc = _with_defaults(vision, vision.get("model_type"))
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size", "patch_size")
+    if not all(vc.get(k) for k in keys):
+        return 0, (f"the vision tower (vision_config model_type {vision.get('model_type')!r}) is not counted: "
+                   "the planner knows SigLIP/CLIP-style towers only; leave headroom for it.",)
+    h, i, n = int(vc["hidden_size"]), int(vc["intermediate_size"]), int(vc["num_hidden_layers"])
+    patch = int(vc["patch_size"])
+    patches = (int(vc["image_size"]) // patch) ** 2
+    embeddings = int(vc.get("num_channels") or 3) * patch * patch * h + h + patches * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # attention, MLP, two LayerNorms
+    projector = h * text_hidden + (h if cfg.get("model_type") == "gemma3" else 0)
+    return embeddings + n * layer + 2 * h + projector, ()
+
+
+def _checkpoint_quantization(cfg: Mapping[str, Any],
+                             layers: int) -> tuple[str | None, QuantScheme | None, tuple[str, ...]]:
+    """The checkpoint's ``quant_method``, its scheme when the planner models it, and a note when not."""
+    qcfg = cfg.get("quantization_config")
+    if not isinstance(qcfg, Mapping) or not qcfg.get("quant_method"):
+        return None, None, ()
+    method = str(qcfg["quant_method"])
+    scheme = checkpoint_scheme(qcfg, layers)
+    if scheme is None:
+        return method, None, (f"the checkpoint's quantization_config ({method}) is not one the planner models: "
+                              "its weights are planned in 16 bits, an upper bound.",)
+    return method, scheme, ()
 
 
 def _sliding_layers(cfg: Mapping[str, Any], model_type: str, layers: int,
@@ -164,12 +248,15 @@ def _sliding_layers(cfg: Mapping[str, Any], model_type: str, layers: int,
 
 @dataclass(frozen=True)
 class _Params:
-    linear: int
-    """Attention and MLP projection weights: what quantization shrinks."""
-    linear_active: int
+    linear: dict[str, int]
+    """Projection weights of each of ``LINEAR_KINDS``, all layers: what quantization shrinks."""
+    linear_active: dict[str, int]
     """The same, counting only the experts one token is routed through."""
     other: int
-    """Embeddings, lm_head, norms, biases, routers: kept in the model dtype."""
+    """Embeddings, lm_head, norms, biases, routers, sinks: kept in the model dtype."""
+    other_active: int
+    """The same without the biases of the experts a token is not routed through."""
+    vision: int
 
 
 def _params(arch: ModelArch) -> _Params:
@@ -177,30 +264,46 @@ def _params(arch: ModelArch) -> _Params:
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     attention = h * q + 2 * h * kv + q * h
     biases = (q + 2 * kv if arch.qkv_bias else 0) + (h if arch.o_bias else 0)
+    biases += arch.num_heads if arch.attention_sinks else 0
     if arch.num_experts:
-        expert = 3 * h * arch.moe_intermediate_size
-        shared = 3 * h * arch.shared_expert_intermediate_size
-        mlp, mlp_active = arch.num_experts * expert + shared, arch.experts_per_token * expert + shared
-        router = h * arch.num_experts
+        width = arch.moe_intermediate_size
+        mlp, experts, active = 3 * h * arch.shared_expert_intermediate_size, arch.num_experts, arch.experts_per_token
+        router = h * arch.num_experts + (arch.num_experts if arch.router_bias else 0)
     else:
-        mlp = mlp_active = 3 * h * arch.intermediate_size
-        router = 0
+        width, mlp, experts, active, router = arch.intermediate_size, 3 * h * arch.intermediate_size, 0, 0, 0
+    mlp_biases = 2 * width + h if arch.mlp_bias else 0  # gate and up, then down
     embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    norms = layers * arch.norms_per_layer * h + h
-    return _Params(linear=layers * (attention + mlp), linear_active=layers * (attention + mlp_active),
-                   other=embeddings + norms + layers * (biases + router))
+    norms = layers * (arch.norms_per_layer * h + (2 * arch.head_dim if arch.qk_norm else 0)) + h
+    other = embeddings + norms + layers * (biases + router + (experts or 1) * mlp_biases)
+    return _Params(
+        linear={"attention": layers * attention, "mlp": layers * mlp, "experts": layers * experts * 3 * h * width},
+        linear_active={"attention": layers * attention, "mlp": layers * mlp,
+                       "experts": layers * active * 3 * h * width},
+        other=other, other_active=other - layers * (experts - active) * mlp_biases, vision=arch.vision_params)
 
 
 def param_count(arch: ModelArch) -> int:
-    """Every parameter: embeddings, lm_head unless tied, attention, MLP (all experts), routers, norms."""
+    """Every parameter: embeddings, lm_head unless tied, attention, MLP (all experts), routers, norms,
+    the vision tower."""
     p = _params(arch)
-    return p.linear + p.other
+    return sum(p.linear.values()) + p.other + p.vision
 
 
 def active_param_count(arch: ModelArch) -> int:
-    """Parameters one decoded token reads: an MoE layer's MLP counts only ``experts_per_token`` experts."""
+    """Parameters one decoded token reads: an MoE layer's MLP counts only ``experts_per_token``
+    experts; a vision tower none."""
     p = _params(arch)
-    return p.linear_active + p.other
+    return sum(p.linear_active.values()) + p.other_active
+
+
+def quant_scheme(arch: ModelArch, quantization: str | None) -> QuantScheme | None:
+    """The scheme ``quantization`` means for this model: the checkpoint's own when it names the
+    checkpoint's method, else that method applied on the fly (fp8) or at its default layout."""
+    if quantization is None:
+        return None
+    if quantization == arch.quantization and arch.checkpoint_quant is not None:
+        return arch.checkpoint_quant
+    return on_the_fly(quantization)
 
 
 def resolve_weight_dtype(arch: ModelArch, weight_dtype: str = "auto", *, bf16: bool = True) -> str:
@@ -218,23 +321,22 @@ def resolve_weight_dtype(arch: ModelArch, weight_dtype: str = "auto", *, bf16: b
 def weight_bytes(arch: ModelArch, weight_dtype: str, quantization: str | None = None, *,
                  active: bool = False) -> int:
     """Bytes of the weights (``active``: of those one token reads) in ``weight_dtype`` (resolved,
-    not ``auto``), with the linear layers in ``quantization`` if given."""
+    not ``auto``), with the linear layers in ``quantization`` if given (see ``quant_scheme``)."""
     p = _params(arch)
     base = WEIGHT_BYTES[DTYPE_ALIASES.get(weight_dtype, weight_dtype)]
+    scheme = quant_scheme(arch, quantization)
     linear = p.linear_active if active else p.linear
-    if quantization is None:
-        per_linear = base
-    else:
-        per_linear = WEIGHT_BYTES[quantization]
-        if quantization in ("awq", "gptq"):
-            per_linear += INT4_GROUP_OVERHEAD
-    return math.ceil(linear * per_linear + p.other * base)
+    total = (p.other_active if active else p.other + p.vision) * base
+    for kind in LINEAR_KINDS:
+        kept = 1.0 if scheme is None else scheme.kept_fraction(kind)
+        total += linear[kind] * (kept * base + (1 - kept) * (scheme.bits / 8 if scheme else 0))
+    return math.ceil(total)
 
 
 def kv_dtype_bytes(kv_cache_dtype: str, weight_dtype: str) -> int:
     """Bytes per KV element; ``auto`` is the (resolved) weight dtype's, 2 when that is not a float type."""
     if kv_cache_dtype == "auto":
-        return int(WEIGHT_BYTES[weight_dtype]) if weight_dtype in ("bfloat16", "float16", "float32") else 2
+        return int(WEIGHT_BYTES[weight_dtype]) if weight_dtype in WEIGHT_BYTES else 2
     return KV_CACHE_BYTES[kv_cache_dtype]
 
 

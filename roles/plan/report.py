@@ -5,6 +5,7 @@ from __future__ import annotations
 from roles.plan import settings
 from roles.plan.cost import break_even, cost_per_million_tokens
 from roles.plan.fleet import FleetPlan, HostPlan, Instance
+from roles.plan.instance import RESERVE_REASON
 
 
 def _gb(n: float) -> str:
@@ -19,11 +20,16 @@ def _flag(inst: Instance, setting: str, value: int) -> str:
 def instance_row(host: HostPlan, inst: Instance) -> list[str]:
     fit = inst.fit
     hardware = f"{fit.tensor_parallel}x {host.gpu.name}" if host.gpu else "cpu"
-    ceiling = f"{fit.decode_ceiling_tokens_per_s:,.0f} tok/s" if fit.decode_ceiling_tokens_per_s else "-"
     quant = fit.quantization or fit.weight_dtype
-    return [host.name, inst.name, hardware, quant, _gb(fit.weight_bytes_per_gpu), _gb(fit.budget_bytes_per_gpu),
+    budget = _gb(fit.budget_bytes_per_gpu) + ("!" if fit.warnings else "")
+    return [host.name, inst.name, hardware, quant, _gb(fit.weight_bytes_per_gpu), budget,
             f"{fit.kv_tokens:,}", _flag(inst, "vllm_max_model_len", fit.max_model_len),
-            f"{fit.max_concurrent_seqs:,}", _flag(inst, "vllm_max_num_seqs", fit.max_num_seqs), ceiling]
+            f"{fit.max_concurrent_seqs:,}", _flag(inst, "vllm_max_num_seqs", fit.max_num_seqs),
+            _speed(fit.decode_ceiling_weights_only_tokens_per_s), _speed(fit.decode_ceiling_tokens_per_s)]
+
+
+def _speed(tokens_per_s: float | None) -> str:
+    return f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "-"
 
 
 def cost_lines(plan: FleetPlan) -> list[str]:
@@ -48,12 +54,19 @@ def cost_lines(plan: FleetPlan) -> list[str]:
 
 def render(plan: FleetPlan) -> str:
     header = ["host", "instance", "hardware", "weights", "weights/GPU", "KV budget/GPU", "KV tokens",
-              "max-model-len", "seqs at max len", "max-num-seqs", "decode ceiling"]
+              "max-model-len", "seqs at max len", "max-num-seqs", "decode: weights", "decode: max len"]
     rows = [header] + [instance_row(h, i) for h in plan.hosts for i in h.instances]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    # Warnings come straight after the table: a tight fit is the one thing to act on before deploying.
+    warnings = [f"WARNING {h.name}/{i.name}: {w}" for h in plan.hosts for i in h.instances for w in i.fit.warnings]
     notes = sorted({f"{h.name}/{i.name}: {n}" for h in plan.hosts for i in h.instances for n in i.fit.notes})
-    return "\n".join(lines + ["* derived by the plan (unset in the inventory)",
-                              "decode ceiling: one stream, memory bandwidth over bytes read per token"]
-                     + cost_lines(plan) + (["notes:"] + [f"  {n}" for n in notes] if notes else []))
+    legend = ["* derived by the plan (unset in the inventory)"]
+    if warnings:
+        legend.append("! tight fit: see the WARNING lines above")
+    legend += ["decode ceilings: one stream, memory bandwidth over the bytes read per token: the weights alone, "
+               "and the weights plus one max-length sequence's KV cache",
+               f"KV budget/GPU: memory × utilization − weights − reserve; the reserve: {RESERVE_REASON}"]
+    notes_block = ["notes:"] + [f"  {n}" for n in notes] if notes else []
+    return "\n".join(lines + warnings + legend + cost_lines(plan) + notes_block)

@@ -335,17 +335,16 @@ def test_weight_refusal_names_hosts_that_are_too_small():
     assert "to 2 (70.6 GB of weights per GPU" in err.fix and "needs a host with 2 GPUs, this one has 1" in err.fix
 
 
-def test_refuses_fp8_on_a100_and_suggests_awq():
+def test_fp8_weights_on_a100_run_weight_only_and_its_e4m3_kv_cache_is_refused():
     a100 = GPUS["a100-80gb"]
-    err = refusal(LLAMA70, Deployment(gpu=a100, quantization="fp8"))
-    assert err.field == "`vllm_quantization`"
-    assert "fp8 weights need a GPU with fp8 (Ada or Hopper); a100-80gb has none" in err.problem
-    assert "AWQ or GPTQ" in err.fix and "h100-sxm" in err.fix
+    # vLLM runs fp8 weights on Ampere weight-only, through its Marlin kernel.
+    fit = plan_capacity(LLAMA70, Deployment(gpu=a100, quantization="fp8"))
+    assert fit.quantization == "fp8" and any("weight-only" in n and "not compute" in n for n in fit.notes)
     err = refusal(LLAMA8, Deployment(gpu=a100, kv_cache_dtype="fp8_e4m3"))
     assert err.field == "`vllm_kv_cache_dtype`" and "set it to auto" in err.fix
-    # Without fp8, the weight refusal offers int4 (AWQ), not fp8.
+    # Without fp8 tensor cores, the weight refusal offers fp8 as weight-only.
     err = refusal(LLAMA70, Deployment(gpu=a100, max_model_len=8192))
-    assert "awq (" in err.fix and "fp8" not in err.fix
+    assert "fp8 (" in err.fix and "weight-only on a100-80gb" in err.fix
 
 
 def test_refuses_bfloat16_on_a_gpu_without_it():

@@ -9,7 +9,7 @@ import pytest
 from roles.errors import FleetConfigError
 from roles.plan.capacity import Deployment, Fit, fits, plan_capacity
 from roles.plan.fleet import Instance, instance_fit
-from roles.plan.gpus import GPUS
+from roles.plan.gpus import GPUS, gpu_spec
 from roles.plan.model import ModelArch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "inventories" / "model_configs"
@@ -19,6 +19,9 @@ LLAMA8 = ModelArch.load(CONFIGS / "meta-llama--Llama-3.1-8B-Instruct", name="lla
 GEMMA = ModelArch.load(CONFIGS / "google--gemma-2-9b-it", name="gemma-2-9b-it")
 TINY = ModelArch.load(MODELS / "tiny-llama")
 H100 = GPUS["h100-sxm"]
+# Pre-Ampere (compute capability 7.0): the GPUs where vLLM runs no fp8 weights, so the grid below
+# still reaches a `vllm_quantization` refusal now that fp8 on A100 is accepted.
+V100 = gpu_spec("v100", {"v100": {"memory_gib": 32, "bandwidth_tb_s": 0.9, "bf16": False, "fp8": False}})
 
 
 def outcome(arch, dep, host_gpus=None) -> Fit | str:
@@ -60,7 +63,7 @@ def test_fits_is_none_where_the_kv_cache_holds_not_one_sequence():
 def test_fits_agrees_with_plan_capacity_on_a_grid():
     seen: Counter[str] = Counter()
     grid = itertools.product(
-        (LLAMA70, LLAMA8, GEMMA, TINY), (None, H100, GPUS["a100-80gb"], GPUS["l4"]), (0, 1, 2, 3, 4, 8),
+        (LLAMA70, LLAMA8, GEMMA, TINY), (None, H100, GPUS["a100-80gb"], GPUS["l4"], V100), (0, 1, 2, 3, 4, 8),
         ("auto", "float16", "bogus"), (None, "fp8", "awq"), ("auto", "fp8"), (0.5, 0.9, 1.2),
         (None, 8192, 10**6), (None, 2, 8))
     for arch, gpu, tp, dtype, quant, kv, util, max_len, host_gpus in grid:
