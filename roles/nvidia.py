@@ -129,21 +129,21 @@ def gpu_health(expect: GpuExpectation, python: str, burnin: bool, record_dir: st
     result on the host (it marks the host as onboarded)."""
     if not state.is_executing:
         return
-    readings = json.loads(host.get_fact(Command, command=f"{python} {paths.GPU_PROBE_PATH} readings"))
+    readings = json.loads(host.get_fact(Command, command=shlex.join([python, paths.GPU_PROBE_PATH, "readings"])))
     checks = health_checks(readings, expect)
     record = f"{record_dir}/burnin.json"
     if all(c.ok for c in checks) and (burnin or host.get_fact(FileContents, path=record) is None):
-        result = json.loads(host.get_fact(Command, command=f"{python} {paths.GPU_PROBE_PATH} burnin"))
+        result = json.loads(host.get_fact(Command, command=shlex.join([python, paths.GPU_PROBE_PATH, "burnin"])))
         checks += burnin_checks(result)
         records = {record: result}
         if expect.count > 1:  # tensor parallelism needs the GPUs to all-reduce together at NVLink speed
-            allreduce = json.loads(host.get_fact(Command, command=(
-                f"{python} {paths.GPU_PROBE_PATH} allreduce --backend nccl --world-size {expect.count} "
-                f"--timeout {ALLREDUCE_TIMEOUT_S}")))
+            allreduce = json.loads(host.get_fact(Command, command=shlex.join([
+                python, paths.GPU_PROBE_PATH, "allreduce", "--backend", "nccl", "--world-size", str(expect.count),
+                "--timeout", str(ALLREDUCE_TIMEOUT_S)])))
             checks += allreduce_checks(allreduce)
             records[f"{record_dir}/allreduce.json"] = allreduce
-        yield StringCommand(f"mkdir -p {record_dir} && " + " && ".join(
-            f"echo {shlex.quote(json.dumps(value))} > {path}" for path, value in records.items()))
+        yield StringCommand(f"mkdir -p {shlex.quote(record_dir)} && " + " && ".join(
+            f"echo {shlex.quote(json.dumps(value))} > {shlex.quote(path)}" for path, value in records.items()))
     report = table(host.name, checks)
     write_record(host.name, readings, checks)
     if not all(c.ok for c in checks):
@@ -198,10 +198,11 @@ def driver(plan: HostPlan):
     key = files.download(name="NVIDIA repository signing key", src=f"{repo_url.rstrip('/')}/{plat.repo_path}"
                          f"/x86_64/{settings.value(plan.data, 'nvidia_repo_key')}", dest=f"{paths.NVIDIA_KEYRING}.asc")
     fingerprint = settings.value(plan.data, "nvidia_repo_key_fingerprint")
+    keyring, asc = shlex.quote(paths.NVIDIA_KEYRING), shlex.quote(f"{paths.NVIDIA_KEYRING}.asc")
     server.shell(name="Check the key's fingerprint, then install it as the repository's keyring",
-                 commands=[f"gpg --show-keys --with-colons {paths.NVIDIA_KEYRING}.asc | grep -q '^fpr:*{fingerprint}:' "
-                           f"|| {{ echo 'the downloaded key is not {fingerprint}' >&2; exit 1; }}",
-                           f"gpg --dearmor --yes -o {paths.NVIDIA_KEYRING} {paths.NVIDIA_KEYRING}.asc"],
+                 commands=[f"gpg --show-keys --with-colons {asc} | grep -q {shlex.quote(f'^fpr:*{fingerprint}:')} "
+                           f"|| {{ echo {shlex.quote(f'the downloaded key is not {fingerprint}')} >&2; exit 1; }}",
+                           f"gpg --dearmor --yes -o {keyring} {asc}"],
                  _if=key.did_change)
     source = files.put(name="NVIDIA CUDA repository (deb822)", src=StringIO(sources_file(repo_url, plat.repo_path)),
                        dest=paths.NVIDIA_SOURCES)
@@ -216,7 +217,7 @@ def driver(plan: HostPlan):
     held = set(host.get_fact(AptHolds))
     if not set(packages) <= held:
         server.shell(name="Hold the driver packages (no unattended upgrade may move them)",
-                     commands=[f"apt-mark hold {' '.join(sorted(packages))}"])
+                     commands=[shlex.join(["apt-mark", "hold", *sorted(packages)])])
     driver_loaded(name="Load the pinned driver (reboot only if needed and allowed)", driver=drv,
                   allow_reboot=settings.value(plan.data, "nvidia_allow_reboot"))
     systemd.service(name="Persistence daemon", service="nvidia-persistenced", running=True, enabled=True)

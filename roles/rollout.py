@@ -142,7 +142,7 @@ def for_run(plan: FleetPlan) -> Rollout:
 
 def _refused_flags(python: str, check_script: str, args: dict[str, list[str]]) -> dict[str, str]:
     """Instance -> the new release's own argument parser's complaint, for the instances it refuses."""
-    found = host.get_fact(Command, command=f"{python} {check_script} {shlex.quote(json.dumps(args))}")
+    found = host.get_fact(Command, command=shlex.join([python, check_script, json.dumps(args)]))
     return {name: error for name, error in json.loads(found or "{}").items() if error}
 
 
@@ -208,8 +208,9 @@ def take_out(rollout: Rollout, index: int, render_conf, probe: str, drain_timeou
         return
     yield FileUploadCommand(StringIO(render_conf(down={m.upstream for m in batch})), paths.NGINX_CONF)
     yield StringCommand("nginx -t -q")
-    upstreams = " ".join(f"--upstream {shlex.quote(m.upstream)}" for m in batch)
-    yield FunctionCommand(_run_logged, (f"python3 {probe} reload-and-drain {upstreams} --timeout {drain_timeout}",), {})
+    upstreams = [arg for m in batch for arg in ("--upstream", m.upstream)]
+    command = shlex.join(["python3", probe, "reload-and-drain", *upstreams, "--timeout", str(drain_timeout)])
+    yield FunctionCommand(_run_logged, (command,), {})
 
 
 def _run_logged(state, host, command: str) -> bool:

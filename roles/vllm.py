@@ -8,6 +8,7 @@ at; new instances start here, changed ones restart in the rolling update (roles/
 
 from __future__ import annotations
 
+import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from roles.rollout import Member, Rollout, decide
 
 def switch_link(link: str, target: str) -> StringCommand:
     """Point ``link`` at ``target`` in one step (a rename over it): never missing, even for an instant."""
-    return StringCommand(f"ln -sfn {target} {link}.new && mv -T {link}.new {link}")
+    target_q, new_q, link_q = shlex.quote(target), shlex.quote(f"{link}.new"), shlex.quote(link)
+    return StringCommand(f"ln -sfn {target_q} {new_q} && mv -T {new_q} {link_q}")
 
 
 def _recorded_digest(path: str) -> str | None:
@@ -49,11 +51,12 @@ def release_venv(lock: Lock, venv_dir: str, python: str):
         return
     wheelhouse = build_wheelhouse(lock)
     staging = f"{venv_dir}.wheels"
-    yield StringCommand(f"rm -rf {venv_dir} {staging} && mkdir -p {staging}")
+    venv_q, staging_q, tar_q = shlex.quote(venv_dir), shlex.quote(staging), shlex.quote(f"{staging}/wheels.tar")
+    yield StringCommand(f"rm -rf {venv_q} {staging_q} && mkdir -p {staging_q}")
     yield FileUploadCommand(str(wheelhouse / "wheels.tar"), f"{staging}/wheels.tar")
-    yield StringCommand(f"tar -xf {staging}/wheels.tar -C {staging} && rm {staging}/wheels.tar")
+    yield StringCommand(f"tar -xf {tar_q} -C {staging_q} && rm {tar_q}")
     yield StringCommand(host_install_command(lock, venv_dir, staging, python=python))
-    yield StringCommand(f"rm -rf {staging}")
+    yield StringCommand(f"rm -rf {staging_q}")
 
 
 @operation()
@@ -62,19 +65,24 @@ def staged_model(model: Model, dest: str, venv_dir: str, user: str, hf_home: str
     if _recorded_digest(f"{dest}/{paths.DIGEST_FILE}") == model.digest:
         host.noop(f"model {model.served_name} ({model.digest[:12]}) is staged in {dest}")
         return
+    dest_q = shlex.quote(dest)
     if model.local_path is not None:
-        yield StringCommand(f"rm -rf {dest} && mkdir -p {dest}")
+        yield StringCommand(f"rm -rf {dest_q} && mkdir -p {dest_q}")
         for rel, _ in model.files:
             yield FileUploadCommand(str(model.local_path / rel), f"{dest}/{rel}")
         yield FileUploadCommand(StringIO(model.checksum_file()), f"{dest}/SHA256SUMS")
-        yield StringCommand(f"cd {dest} && sha256sum --check --quiet --strict SHA256SUMS")
+        yield StringCommand(f"cd {dest_q} && sha256sum --check --quiet --strict SHA256SUMS")
     else:
-        # Downloaded on the host into the Hugging Face cache the units read offline.
-        fetch = (f"from huggingface_hub import snapshot_download; "
-                 f"snapshot_download({model.model_id!r}, revision={model.revision!r})")
-        yield StringCommand(f"mkdir -p {hf_home} && chown {user}: {hf_home} && "
-                            f"sudo -u {user} env HF_HOME={hf_home} {venv_dir}/bin/python -c \"{fetch}\"")
-    yield StringCommand(f"chmod -R a+rX {dest} && echo {model.digest} > {dest}/{paths.DIGEST_FILE}")
+        # Downloaded on the host into the Hugging Face cache the units read offline. The id and
+        # revision reach Python as arguments, never as source code.
+        fetch = ("import sys; from huggingface_hub import snapshot_download; "
+                 "snapshot_download(sys.argv[1], revision=sys.argv[2])")
+        home = shlex.quote(hf_home)
+        yield StringCommand(f"mkdir -p {home} && chown {shlex.quote(user + ':')} {home} && " + shlex.join([
+            "sudo", "-u", user, "env", f"HF_HOME={hf_home}", f"{venv_dir}/bin/python", "-c", fetch,
+            model.model_id, model.revision]))
+    digest_file = shlex.quote(f"{dest}/{paths.DIGEST_FILE}")
+    yield StringCommand(f"chmod -R a+rX {dest_q} && echo {shlex.quote(model.digest)} > {digest_file}")
 
 
 def placements(plan: HostPlan) -> dict[str, str]:
@@ -129,7 +137,7 @@ def prune(parent: str, marker: str, keep: int, protected):
     ``keep``; never one of ``protected()``, read at execute time: the one being rolled to, the
     ones instances use, the host's current one."""
     for folder in dirs_to_remove(host.get_fact(CompleteDirs, parent=parent, marker=marker), keep, protected()):
-        yield StringCommand(f"rm -rf {folder}")
+        yield StringCommand(f"rm -rf {shlex.quote(folder)}")
 
 
 @operation()
@@ -145,10 +153,11 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
         host.noop(f"vllm@{member.name} is not started: its flags were refused")
         return
     yield FileUploadCommand(StringIO(env_text), env_path)
-    yield StringCommand(f"chmod 600 {env_path}")
+    yield StringCommand(f"chmod 600 {shlex.quote(env_path)}")
     yield switch_link(link, target)
-    yield StringCommand(f"systemctl enable --now vllm@{member.name}")
-    yield StringCommand(f"python3 {paths.FLEET_PROBE_PATH} wait --unit vllm@{member.name} --port {member.port} --timeout {timeout}")
+    yield StringCommand(shlex.join(["systemctl", "enable", "--now", f"vllm@{member.name}"]))
+    yield StringCommand(shlex.join(["python3", paths.FLEET_PROBE_PATH, "wait", "--unit", f"vllm@{member.name}",
+                                    "--port", str(member.port), "--timeout", str(timeout)]))
     rollout.runs(member, target, target_release)
 
 

@@ -1,8 +1,9 @@
 """The fleet plan: what every host and instance will run, worked out before any host is touched.
 
 ``plan_fleet`` reads nothing but inventory data, release manifests, locks and the local model
-directory. Every way an inventory can be wrong is refused here with a ``FleetConfigError``
-naming the field and the fix, so that a deploy stops before its first operation.
+directory. Every way an inventory can be wrong is refused here (with the settings table's checks
+and ``roles.plan.consistency``'s) with a ``FleetConfigError`` naming the field and the fix, so
+that a deploy stops before its first operation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from roles.common import sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import settings
+from roles.plan import consistency, settings
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.model import ModelArch
@@ -32,9 +33,8 @@ HF_CACHE = Path("~/.cache/huggingface/hub").expanduser()
 VLLM_GROUP = "vllm"
 LB_GROUP = "lb"
 
-# Instance names become systemd instance names (vllm@NAME) and file names.
-INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-HF_REVISION = re.compile(r"^[0-9a-f]{40}$")
+# A local model directory's name becomes a folder name on hosts and, by default, the served name.
+MODEL_DIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,11 @@ def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model
                                "vllm_model_id plus vllm_model_revision to a pinned Hugging Face model.")
     served = data.get("vllm_served_model_name")
     if model_id:
-        revision = data.get("vllm_model_revision") or ""
-        if not HF_REVISION.match(revision):
+        # Its form is checked with the host's settings; here only that it is there.
+        revision = data.get("vllm_model_revision")
+        if not revision:
             raise FleetConfigError(f"{where}: vllm_model_revision",
-                                   f"{revision!r} is not a commit hash, so the weights are not pinned.",
+                                   f"is not set for {model_id}, so the weights are not pinned.",
                                    "set it to the model repository's 40-hex-digit commit hash.")
         return Model(served_name=served or model_id, model_id=model_id, revision=revision)
     local = (base_dir / path).resolve()
@@ -155,6 +156,11 @@ def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model
                                f"{local} is not a model directory (no config.json there).",
                                "build the lab's test model with `vllm-fleet lab model "
                                f"{path}` or point the setting at a Hugging Face model directory.")
+    if not MODEL_DIR_NAME.fullmatch(local.name):
+        raise FleetConfigError(f"{where}: vllm_model_path",
+                               f"the directory's name {local.name!r} names its copy on the hosts and, unless "
+                               "vllm_served_model_name is set, the served model: it must be letters, digits and ._-.",
+                               "rename the directory, e.g. to 'llama-3.1-8b-instruct'.")
     stamp = tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                   for p in sorted(local.rglob("*")) if p.is_file())
     return Model(served_name=served or local.name, local_path=local, files=_checksums(local, stamp))
@@ -171,13 +177,7 @@ def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, .
     for index, entry in enumerate(entries):
         settings.check_instance_entry(host_name, index, entry)
         where = f"host {host_name}: vllm_instances[{index}]"
-        name, port = entry.get("name"), entry.get("port")
-        if not isinstance(name, str) or not INSTANCE_NAME.match(name):
-            raise FleetConfigError(f"{where}.name", f"{name!r} is not a valid instance name.",
-                                   "use lower-case letters, digits and '-', e.g. 'a' or 'chat-1'.")
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise FleetConfigError(f"{where}.port", f"{port!r} is not a TCP port.",
-                                   "give each instance a port between 1024 and 65535.")
+        name, port = entry["name"], entry["port"]
         if name in seen_names:
             raise FleetConfigError(f"{where}.name", f"instance name {name!r} is used twice on this host.",
                                    "give every instance on a host its own name.")
@@ -189,29 +189,6 @@ def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, .
         effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
         instances.append(Instance(name=name, port=port, settings=effective))
     return tuple(instances)
-
-
-def _check_gpus(host_name: str, instances: Iterable[Instance], host_gpus: int | None) -> None:
-    owner: dict[int, str] = {}
-    for inst in instances:
-        gpus = inst.get("vllm_gpus") or []
-        tp = inst.fit.tensor_parallel
-        if gpus and len(gpus) != tp:
-            raise FleetConfigError(f"host {host_name}: instance {inst.name}: gpus",
-                                   f"{len(gpus)} GPUs listed for tensor-parallel size {tp}.",
-                                   "list exactly tensor_parallel_size GPU indices, or leave gpus unset.")
-        for gpu in gpus:
-            if gpu in owner:
-                raise FleetConfigError(f"host {host_name}: instance {inst.name}: gpus",
-                                       f"GPU {gpu} is already given to instance {owner[gpu]}.",
-                                       "give each instance its own GPUs.")
-            owner[gpu] = inst.name
-    wanted = sum(i.fit.tensor_parallel for i in instances)
-    if host_gpus is not None and wanted > host_gpus:
-        raise FleetConfigError(f"host {host_name}: vllm_instances",
-                               f"the instances need {wanted} GPUs together; the host has {host_gpus} "
-                               "(vllm_gpu_count).",
-                               "run fewer instances here, or lower their tensor-parallel size if the model fits.")
 
 
 def auto_gpus(instances: Iterable[Instance]) -> dict[str, list[int]]:
@@ -294,11 +271,20 @@ def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Ins
 def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
     settings.check_host_data(name, data)
     releases_dir = base_dir / settings.value(data, "vllm_releases_dir")
+    if not releases_dir.is_dir():
+        raise FleetConfigError(f"host {name}: `vllm_releases_dir`",
+                               f"{settings.value(data, 'vllm_releases_dir')!r} is not a folder ({releases_dir}).",
+                               "set it to the folder of release manifests (default inventories/releases), relative "
+                               "to where pyinfra runs.")
     release_name = data.get("vllm_release")
     if not release_name:
         raise FleetConfigError(f"host {name}: vllm_release", "no release is pinned.",
                                f"set vllm_release to one of the manifests in {releases_dir}.")
-    release = load_release(release_name, releases_dir)
+    try:
+        release = load_release(release_name, releases_dir)
+    except FleetConfigError as error:
+        raise FleetConfigError(f"host {name}: vllm_release {release_name}: {error.field}", error.problem,
+                               error.fix) from None
     accelerator = settings.value(data, "vllm_accelerator")
     if accelerator != release.accelerator:
         raise FleetConfigError(f"host {name}: vllm_accelerator",
@@ -311,7 +297,7 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
         if not data.get("vllm_gpu_type"):
             raise FleetConfigError(f"host {name}: vllm_gpu_type", "an NVIDIA host needs its GPU model for planning.",
                                    "set vllm_gpu_type, e.g. h100-sxm (`vllm-fleet gpus` lists them).")
-        gpu = gpu_spec(data["vllm_gpu_type"], data.get("vllm_gpu_types"))
+        gpu = gpu_spec(data["vllm_gpu_type"], data.get("vllm_gpu_types"), where=f"host {name}: ")
         if not data.get("nvidia_repo_url"):
             raise FleetConfigError(f"host {name}: nvidia_repo_url", "is not set; the driver comes from it.",
                                    "set it to NVIDIA's CUDA apt repository (or your mirror of it): the folder "
@@ -320,8 +306,10 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
     arch = model_arch(name, data, model, base_dir)
     host_gpus = data.get("vllm_gpu_count")
     instances = tuple(replace(i, fit=instance_fit(name, arch, gpu, i, host_gpus)) for i in plan_instances(name, data))
-    _check_gpus(name, instances, host_gpus)
-    address = data.get("vllm_advertise_address") or data.get("ssh_hostname") or name
+    for inst in instances:
+        consistency.check_extra_args(f"host {name}: instance {inst.name}: ", inst.get("vllm_extra_args"))
+    consistency.check_gpus(name, instances, host_gpus)
+    address = consistency.advertised_address(name, data)
     return HostPlan(name=name, address=address, accelerator=accelerator, release=release, lock=lock,
                     model=model, instances=instances, gpu=gpu, data=dict(data))
 
@@ -337,25 +325,8 @@ def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterabl
     if not lb:
         raise FleetConfigError(f"inventory group `{LB_GROUP}`", "has no hosts.",
                                f"put the load balancer host(s) in a group named `{LB_GROUP}`.")
-    batch_sizes = {p.get("vllm_rollout_batch_size") for p in plans}
-    if len(batch_sizes) > 1 or min(batch_sizes) < 1:
-        raise FleetConfigError("vllm_rollout_batch_size",
-                               f"is {sorted(batch_sizes)} across the hosts; a rolling update has one batch size, 1 or more.",
-                               "set one value for every host (group data), or leave the default 1.")
-    names = {p.model.served_name for p in plans}
-    if len(names) > 1:
-        raise FleetConfigError("vllm_served_model_name",
-                               f"hosts behind one load balancer serve different names: {sorted(names)}.",
-                               "serve one model name across the fleet (set it in group data).")
-    for host in plans:
-        if host.name in lb:
-            lb_port = settings.value(host.data, "nginx_listen_port")
-            clash = [i.name for i in host.instances if i.port == lb_port]
-            if clash:
-                raise FleetConfigError(f"host {host.name}: instance {clash[0]}: port",
-                                       f"port {lb_port} is the load balancer's nginx_listen_port on this host.",
-                                       "move the instance or nginx_listen_port to another port.")
-    return FleetPlan(hosts=plans, lb_hosts=lb, served_model_name=names.pop())
+    consistency.check_fleet(plans, lb)
+    return FleetPlan(hosts=plans, lb_hosts=lb, served_model_name=plans[0].model.served_name)
 
 
 def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None:
@@ -375,7 +346,11 @@ def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None
 
 @lru_cache(maxsize=4)
 def plan_inventory(inventory) -> FleetPlan:
-    """The plan for a pyinfra inventory (cached: a deploy file runs once per host)."""
+    """The plan for a pyinfra inventory (cached: a deploy file runs once per host). Every host's
+    settings are checked, whatever its groups: a misspelt setting on a host that is only a load
+    balancer is refused like one on a vLLM host."""
+    for host in inventory:
+        settings.check_host_data(host.name, host.data.dict())
     vllm_hosts = inventory.get_group(VLLM_GROUP, default=[])
     lb_hosts = inventory.get_group(LB_GROUP, default=[])
     return plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),

@@ -12,14 +12,93 @@ silently fall back to its default.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from roles.common import did_you_mean
 from roles.errors import FleetConfigError
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
 ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_")
+
+
+@dataclass(frozen=True)
+class Form:
+    """What a string may be where it reaches a host (a shell command, a unit, a configuration
+    file): said in words for messages, and tested. Forms of values that reach shell commands
+    leave out whitespace, quotes and shell metacharacters: quoting is the second line of defence."""
+
+    what: str
+    example: str
+    test: Callable[[str], bool]
+
+
+def _pattern(regex: str) -> Callable[[str], bool]:
+    compiled = re.compile(regex, re.ASCII)
+    return lambda text: compiled.fullmatch(text) is not None
+
+
+def _address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return _HOST_NAME(text)
+
+
+def _engine_arg(text: str) -> bool:
+    return bool(text) and text.isprintable() and not any(c.isspace() for c in text)
+
+
+def _secret(text: str) -> bool:
+    # An EnvironmentFile value in double quotes: quotes, backslashes and $ would be read as syntax.
+    return bool(text) and text.isascii() and text.isprintable() \
+        and not any(c.isspace() or c in "'\"\\$`" for c in text)
+
+
+# DNS labels; '_' too, which resolvers (and so nginx) accept in /etc/hosts names and ssh aliases.
+_HOST_NAME = _pattern(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+# Components of letters, digits and ._+-, never . or .., no trailing /: a path that means one folder.
+_ABSOLUTE_PATH = r"(/(?!\.\.?(/|$))[A-Za-z0-9._+-]+)+"
+_HF_PART = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+
+ABSOLUTE_PATH = Form("an absolute path of letters, digits and ._+- (no whitespace, shell metacharacters, "
+                     "'..' or trailing '/')", "/opt/vllm-fleet", _pattern(_ABSOLUTE_PATH))
+PYTHON = Form("an absolute path of letters, digits and ._+-, or a command name like python3.11",
+              "python3.11", _pattern(rf"python3(\.\d+)?|{_ABSOLUTE_PATH}"))
+HF_REPO_ID = Form("a Hugging Face repository id ORG/NAME of letters, digits and ._- (no '..' or '--', "
+                  "neither part starting or ending with '.' or '-', 96 characters at most)",
+                  "meta-llama/Llama-3.3-70B-Instruct",
+                  _pattern(rf"(?!.*(\.\.|--))(?=.{{3,96}}$){_HF_PART}/{_HF_PART}"))
+COMMIT = Form("a commit hash (40 lower-case hex digits)", "0123456789abcdef0123456789abcdef01234567",
+              _pattern(r"[0-9a-f]{40}"))
+FINGERPRINT = Form("a key fingerprint (40 upper-case hex digits, as `gpg --with-colons` prints it)",
+                   "EB693B3035CD5710E231E123A4B469963BF863CC", _pattern(r"[0-9A-F]{40}"))
+POSIX_USER = Form("a POSIX user name (a lower-case letter or _, then up to 31 of a-z 0-9 _ -)", "vllm",
+                  _pattern(r"[a-z_][a-z0-9_-]{0,31}"))
+CPU_LIST = Form("a CPU list like 0-3,8 (numbers and ranges, comma-separated)", "0-3",
+                _pattern(r"\d+(-\d+)?(,\d+(-\d+)?)*"))
+ADDRESS = Form("an IP address or a host name (letters, digits, '-', '_' and dots)", "10.0.0.5", _address)
+URL = Form("an http or https URL of letters, digits and ._~%+,=@:/- (no whitespace or quotes)",
+           "https://developer.download.nvidia.com/compute/cuda/repos",
+           _pattern(r"https?://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%+,=@:-]*)*"))
+FILE_NAME = Form("a file name of letters, digits and ._+- (no '/')", "3bf863cc.pub",
+                 _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]*"))
+RELEASE_NAME = Form("a manifest name of letters, digits and ._+- (the file name without .yml)",
+                    "cpu-vllm-0.32.0", _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]*"))
+SERVED_NAME = Form("1 to 128 letters, digits and ._:/- starting with a letter or digit (no whitespace)",
+                   "llama-3.3-70b", _pattern(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"))
+NGINX_SIZE = Form("an nginx size: a number, optionally followed by k, m or g", "64m",
+                  _pattern(r"\d+[kKmMgG]?"))
+SECRET = Form("printable ASCII without whitespace, quotes, backslashes, $ or backticks", "sk-fleet-2f9c1e",
+              _secret)
+ENGINE_ARG = Form("one vLLM argument without whitespace (systemd splits the flags at whitespace), "
+                  "e.g. '--seed' and '7' as two elements", "--seed", _engine_arg)
+INSTANCE_NAME = Form("1 to 32 lower-case letters, digits and '-', starting with a letter or digit "
+                     "(it names the unit vllm@NAME)", "chat-1", _pattern(r"[a-z0-9][a-z0-9-]{0,31}"))
 
 
 @dataclass(frozen=True)
@@ -30,17 +109,37 @@ class Setting:
     doc: str
     per_instance: bool = False
     choices: tuple[Any, ...] = ()
+    # Bounds of a number, or of each element of a list; ``above`` is an exclusive lower bound.
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    item: type | tuple[type, ...] | None = None  # element type of a list
+    form: Form | None = None  # what a string, or each element of a list, may be
 
     @property
     def short_name(self) -> str:
         """The name used inside a ``vllm_instances`` entry."""
         return self.name.split("_", 1)[1]
 
+    def bounds(self) -> str:
+        """The allowed numbers in words ("" when any number is), e.g. "from 1024 to 65535"."""
+        def num(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        low = f"above {num(self.above)}" if self.above is not None else \
+            f"at least {num(self.minimum)}" if self.minimum is not None else ""
+        if self.maximum is None:
+            return low
+        if self.minimum is not None and self.above is None:
+            return f"from {num(self.minimum)} to {num(self.maximum)}"
+        return f"{low} and at most {num(self.maximum)}" if low else f"at most {num(self.maximum)}"
+
 
 SETTINGS: tuple[Setting, ...] = (
     # --- what to serve -------------------------------------------------------------------
     Setting("vllm_release", str, None,
-            "Release manifest name in inventories/releases/ (required): pins vLLM, torch, transformers."),
+            "Release manifest name in inventories/releases/ (required): pins vLLM, torch, transformers.",
+            form=RELEASE_NAME),
     Setting("vllm_releases_dir", str, "inventories/releases",
             "Folder of release manifests and their locks, relative to where pyinfra runs."),
     Setting("vllm_accelerator", str, "cpu",
@@ -49,115 +148,141 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_model_path", str, None,
             "Model directory on the control node; pushed to hosts and checked against its checksums."),
     Setting("vllm_model_id", str, None,
-            "Hugging Face model id, downloaded on the host (alternative to vllm_model_path)."),
+            "Hugging Face model id, downloaded on the host (alternative to vllm_model_path).", form=HF_REPO_ID),
     Setting("vllm_model_revision", str, None,
-            "Commit hash (40 hex digits) that vllm_model_id is pinned to; required with it."),
+            "Commit hash (40 hex digits) that vllm_model_id is pinned to; required with it.", form=COMMIT),
     Setting("vllm_served_model_name", str, None,
-            "Model name clients send; defaults to the model directory name or the model id."),
+            "Model name clients send; defaults to the model directory name or the model id.", form=SERVED_NAME),
     Setting("vllm_instances", list, None,
-            "Instances on this host: a list of {name, port, <per-instance overrides>} (required)."),
+            "Instances on this host: a list of {name, port, <per-instance overrides>} (required); name: "
+            "lower-case letters, digits and '-'; port: 1024 to 65535 (instances run unprivileged)."),
     Setting("vllm_model_config", str, None,
             "config.json (or its folder) on the control node for a hub model; unset: "
             "inventories/model_configs/<org>--<name>/, then the control node's Hugging Face cache."),
     Setting("vllm_gpu_type", str, None,
             "GPU model of an NVIDIA host, an id of roles/gpus.py (e.g. h100-sxm) or of vllm_gpu_types."),
     Setting("vllm_gpu_count", int, None,
-            "GPUs in an NVIDIA host; checked against the host (NVML) and the instances' GPUs."),
+            "GPUs in an NVIDIA host; checked against the host (NVML) and the instances' GPUs.",
+            minimum=1, maximum=16),
     Setting("vllm_gpu_types", dict, None,
             "Extra GPU models: {id: {memory_gib, bandwidth_tb_s, bf16, fp8}}, adding to roles/gpus.py."),
     Setting("vllm_advertise_address", str, None,
-            "Address the load balancer uses to reach this host; defaults to ssh_hostname, then the host name."),
+            "Address the load balancer uses to reach this host; defaults to ssh_hostname, then the host name.",
+            form=ADDRESS),
     # --- engine flags (per instance) ----------------------------------------------------------
     Setting("vllm_dtype", str, "auto", "Weight/activation dtype (--dtype).", per_instance=True,
             choices=("auto", "bfloat16", "float16", "float32", "half", "float")),
     Setting("vllm_max_model_len", int, None,
             "Longest prompt+output in tokens (--max-model-len); unset: the model's limit, capped to what "
-            "the KV cache holds.", per_instance=True),
+            "the KV cache holds.", per_instance=True, minimum=1),
     Setting("vllm_max_num_seqs", int, None,
             "Most sequences batched at once (--max-num-seqs); unset: as many max-length sequences as the "
-            "KV cache holds, at most 256.", per_instance=True),
+            "KV cache holds, at most 256.", per_instance=True, minimum=1),
     Setting("vllm_quantization", str, None,
             "Weight quantization: fp8 (on the fly, Ada/Hopper), awq or gptq (pre-quantized checkpoints).",
             per_instance=True, choices=("fp8", "awq", "gptq")),
     Setting("vllm_kv_cache_dtype", str, "auto", "KV cache dtype (--kv-cache-dtype); fp8 halves it on fp8 GPUs.",
             per_instance=True, choices=("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")),
     Setting("vllm_gpu_memory_utilization", float, 0.90,
-            "Fraction of each GPU's memory vLLM may use (NVIDIA only).", per_instance=True),
+            "Fraction of each GPU's memory vLLM may use (NVIDIA only).", per_instance=True, above=0, maximum=1),
     Setting("vllm_kv_cache_bytes", int, 1 << 30,
             "KV cache size in bytes on CPU hosts (--kv-cache-memory-bytes); CPU vLLM otherwise "
-            "reserves a fraction of a whole NUMA node.", per_instance=True),
+            "reserves a fraction of a whole NUMA node.", per_instance=True, minimum=1 << 20),
     Setting("vllm_enable_prefix_caching", bool, True,
             "Reuse KV cache across requests sharing a prefix.", per_instance=True),
     Setting("vllm_enable_chunked_prefill", bool, True,
             "Split long prefills so they do not stall decoding.", per_instance=True),
     Setting("vllm_tensor_parallel_size", int, None,
             "GPUs one instance is split across; unset: the smallest size the model fits in (1 on CPU).",
-            per_instance=True),
+            per_instance=True, minimum=1),
     Setting("vllm_enforce_eager", bool, False,
             "Skip graph capture/compilation: faster start, slower serving.", per_instance=True),
     Setting("vllm_gpus", list, None,
-            "GPU indices of an instance (CUDA_VISIBLE_DEVICES); unset: allocated in instance order.",
-            per_instance=True),
+            "GPU indices of an instance (CUDA_VISIBLE_DEVICES), below vllm_gpu_count; unset: allocated in "
+            "instance order.", per_instance=True, item=int, minimum=0),
     Setting("vllm_cpu_cores", str, None,
             "CPU cores an instance's threads are bound to (e.g. '0-3'); unset: the host's cores "
-            "split evenly between its instances.", per_instance=True),
-    Setting("vllm_extra_args", list, [], "Further vLLM flags, appended verbatim.", per_instance=True),
+            "split evenly between its instances.", per_instance=True, form=CPU_LIST),
+    Setting("vllm_extra_args", list, [],
+            "Further vLLM flags, appended verbatim; never one a setting owns, nor a secret (see vllm_api_key).",
+            per_instance=True, item=(str, int, float), form=ENGINE_ARG),
     Setting("vllm_api_key", str, None,
             "API key vLLM requires on /v1/* (passed through the environment, never on the command line).",
-            per_instance=True),
+            per_instance=True, form=SECRET),
     # --- host layout and lifecycle ----------------------------------------------------------------
-    Setting("vllm_user", str, "vllm", "System user the instances run as."),
-    Setting("vllm_install_dir", str, "/opt/vllm-fleet", "Venvs (one per release lock) and the 'current' link."),
-    Setting("vllm_data_dir", str, "/var/lib/vllm-fleet", "Staged models and the Hugging Face cache."),
-    Setting("vllm_listen_address", str, "0.0.0.0", "Address the instances listen on."),
+    Setting("vllm_user", str, "vllm", "System user the instances run as.", form=POSIX_USER),
+    Setting("vllm_install_dir", str, "/opt/vllm-fleet", "Venvs (one per release lock) and the 'current' link.",
+            form=ABSOLUTE_PATH),
+    Setting("vllm_data_dir", str, "/var/lib/vllm-fleet", "Staged models and the Hugging Face cache.",
+            form=ABSOLUTE_PATH),
+    Setting("vllm_listen_address", str, "0.0.0.0",
+            "Address the instances listen on; a loopback one only when the load balancer is this host.",
+            form=ADDRESS),
     Setting("vllm_keep_releases", int, 3,
-            "Release venvs kept on a host for instant rollback; older ones are removed (never the one in use)."),
+            "Release venvs kept on a host for instant rollback; older ones are removed (never the one in use).",
+            minimum=1),
     Setting("vllm_rollout_batch_size", int, 1,
             "Instances restarted together in a rolling update, after the first (the canary, always alone); "
-            "the same on every host."),
+            "the same on every host.", minimum=1),
     Setting("vllm_start_timeout", int, 900,
-            "Seconds to wait for an instance's /health after a (re)start; large models load for minutes."),
+            "Seconds to wait for an instance's /health after a (re)start; large models load for minutes.",
+            minimum=1),
     Setting("vllm_stop_timeout", int, 60,
-            "Seconds systemd gives a stopping instance to exit after SIGTERM before it kills it (TimeoutStopSec)."),
+            "Seconds systemd gives a stopping instance to exit after SIGTERM before it kills it (TimeoutStopSec).",
+            minimum=1),
     Setting("vllm_python", str, None,
-            "Interpreter that builds the venv on the host; unset: the platform default (see roles/platform.py)."),
+            "Interpreter that builds the venv on the host; unset: the platform default (see roles/platform.py).",
+            form=PYTHON),
     # --- cost (used by `vllm-fleet plan`) -----------------------------------------------------
-    Setting("vllm_gpu_hour_price", float, None, "What one GPU (or CPU host) costs per hour, in your currency."),
+    Setting("vllm_gpu_hour_price", float, None, "What one GPU (or CPU host) costs per hour, in your currency.",
+            minimum=0),
     Setting("vllm_tokens_per_s", float, None,
-            "Generation throughput of one instance, measured or assumed, for the cost per million tokens."),
-    Setting("vllm_api_price_per_million", float, None, "The API price per million tokens you compare against."),
-    Setting("vllm_daily_tokens", int, None, "Tokens a day the fleet is expected to generate."),
+            "Generation throughput of one instance, measured or assumed, for the cost per million tokens.",
+            above=0),
+    Setting("vllm_api_price_per_million", float, None, "The API price per million tokens you compare against.",
+            above=0),
+    Setting("vllm_daily_tokens", int, None, "Tokens a day the fleet is expected to generate.", minimum=0),
     # --- NVIDIA hosts (roles/nvidia.py) ---------------------------------------------------------------
     Setting("nvidia_repo_url", str, None,
             "NVIDIA's CUDA apt repository or your mirror of it (the folder holding ubuntu2204/, debian12/); "
-            "required on NVIDIA hosts."),
-    Setting("nvidia_repo_key", str, "3bf863cc.pub", "File name of the repository's signing key, beside its packages."),
+            "required on NVIDIA hosts.", form=URL),
+    Setting("nvidia_repo_key", str, "3bf863cc.pub", "File name of the repository's signing key, beside its packages.",
+            form=FILE_NAME),
     Setting("nvidia_repo_key_fingerprint", str, "EB693B3035CD5710E231E123A4B469963BF863CC",
-            "Fingerprint the downloaded signing key must have; a different key stops the host."),
+            "Fingerprint the downloaded signing key must have; a different key stops the host.", form=FINGERPRINT),
     Setting("nvidia_allow_reboot", bool, False,
             "Reboot a host whose loaded driver module is not the pinned one; otherwise stop and say so."),
     Setting("nvidia_burnin", bool, False,
             "Run the GPU burn-in on every deploy (it always runs on a host's first onboarding)."),
     # --- load balancer -----------------------------------------------------------------------------
-    Setting("nginx_listen_port", int, 80, "Port the load balancer listens on."),
+    Setting("nginx_listen_port", int, 80, "Port the load balancer listens on (nginx starts as root: below 1024 "
+            "is fine).", minimum=1, maximum=65535),
     Setting("nginx_read_timeout", int, 900,
-            "Seconds nginx waits between two reads from an instance; above the longest generation."),
+            "Seconds nginx waits between two reads from an instance; above the longest generation.", minimum=1),
     Setting("nginx_drain_timeout", int, 300,
             "Seconds an instance taken out of nginx for a restart may spend finishing its requests; then it "
-            "restarts anyway."),
-    Setting("nginx_max_fails", int, 1, "Failed connections before an instance is taken out (passive check)."),
-    Setting("nginx_fail_timeout", int, 10, "Seconds an instance stays out after max_fails failures."),
-    Setting("nginx_keepalive", int, 32, "Idle keepalive connections kept open to the instances per worker."),
+            "restarts anyway.", minimum=0),
+    Setting("nginx_max_fails", int, 1,
+            "Failed connections before an instance is taken out (passive check); 0 never takes one out.", minimum=0),
+    Setting("nginx_fail_timeout", int, 10, "Seconds an instance stays out after max_fails failures.", minimum=1),
+    Setting("nginx_keepalive", int, 32, "Idle keepalive connections kept open to the instances per worker.",
+            minimum=1),
     Setting("nginx_client_max_body_size", str, "64m",
-            "Largest request body nginx accepts (client_max_body_size, e.g. 64m); long prompts and images need more."),
+            "Largest request body nginx accepts (client_max_body_size, e.g. 64m); long prompts and images need more.",
+            form=NGINX_SIZE),
     Setting("nginx_connect_timeout", int, 5,
-            "Seconds nginx waits to connect to an instance before it tries another (proxy_connect_timeout)."),
+            "Seconds nginx waits to connect to an instance before it tries another (proxy_connect_timeout; nginx "
+            "allows at most 75).", minimum=1, maximum=75),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 PER_INSTANCE: dict[str, Setting] = {s.short_name: s for s in SETTINGS if s.per_instance}
-# Keys an instance entry may hold besides the per-instance overrides.
-INSTANCE_KEYS = ("name", "port")
+# Keys every instance entry holds besides the per-instance overrides.
+INSTANCE_KEYS: dict[str, Setting] = {
+    "name": Setting("name", str, None, "Names the unit vllm@NAME; unique on its host.", form=INSTANCE_NAME),
+    "port": Setting("port", int, None, "TCP port the instance listens on; unique on its host, and 1024 or "
+                    "above since the unit runs unprivileged, as vllm_user.", minimum=1024, maximum=65535),
+}
 
 
 def suggest(name: str, candidates: list[str]) -> str:
@@ -165,25 +290,58 @@ def suggest(name: str, candidates: list[str]) -> str:
     return did_you_mean(name, candidates) or "see `vllm-fleet settings` for the list."
 
 
-def _check_type(field: str, setting: Setting, value: Any) -> None:
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
+
+
+def _is_a(value: Any, expected: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is no number (Python says it is an int) and an int is a float."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
+
+
+def _within(setting: Setting, number: float) -> bool:
+    return ((setting.minimum is None or number >= setting.minimum)
+            and (setting.maximum is None or number <= setting.maximum)
+            and (setting.above is None or number > setting.above))
+
+
+def _check_scalar(field: str, setting: Setting, value: Any) -> None:
+    """A number within the setting's bounds, a string (or list element) of its form."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _within(setting, value):
+        raise FleetConfigError(field, f"{value!r} is outside the allowed range ({setting.bounds()}).",
+                               f"set `{setting.name}` to a value {setting.bounds()}: {setting.doc}")
+    if setting.form is not None and not setting.form.test(str(value)):
+        raise FleetConfigError(field, f"{value!r} is not {setting.form.what}.",
+                               f"write `{setting.name}` in that form, e.g. {setting.form.example!r}: {setting.doc}")
+
+
+def _check_value(field: str, setting: Setting, value: Any) -> None:
+    """Refuse a value of the wrong type, or outside the setting's choices, bounds or form."""
     if value is None:
         return
-    expected = setting.type
-    # bool is an int in Python; an int setting must not accept True, nor a float one a string.
-    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        name = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
+    if not _is_a(value, setting.type):
+        name = _type_name(setting.type)
         raise FleetConfigError(field, f"expected a {name}, got {value!r}.",
                                f"set `{setting.name}` to a {name} ({setting.doc})")
     if setting.choices and value not in setting.choices:
         raise FleetConfigError(field, f"{value!r} is not one of {', '.join(map(str, setting.choices))}.",
                                f"pick one of those for `{setting.name}`.")
+    if not isinstance(value, list):
+        _check_scalar(field, setting, value)
+        return
+    for index, element in enumerate(value if setting.item is not None else ()):
+        if not _is_a(element, setting.item):
+            name = _type_name(setting.item)
+            raise FleetConfigError(f"{field}[{index}]", f"expected a {name}, got {element!r}.",
+                                   f"make every element of `{setting.name}` a {name} ({setting.doc})")
+        _check_scalar(f"{field}[{index}]", setting, element)
 
 
 def check_host_data(host_name: str, data: Mapping[str, Any]) -> None:
-    """Refuse unknown role-prefixed keys and values of the wrong type in one host's data."""
+    """Refuse unknown role-prefixed keys, and values of the wrong type, range or form, in one host's data."""
     for key, value in data.items():
         if not key.startswith(ROLE_PREFIXES):
             continue
@@ -192,40 +350,56 @@ def check_host_data(host_name: str, data: Mapping[str, Any]) -> None:
             raise FleetConfigError(
                 f"host {host_name}: setting `{key}`", "is not a vllm-fleet setting.",
                 f"{suggest(key, list(BY_NAME))} (misspelt settings are never ignored).")
-        _check_type(f"host {host_name}: `{key}`", setting, value)
+        _check_value(f"host {host_name}: `{key}`", setting, value)
 
 
 def check_instance_entry(host_name: str, index: int, entry: Any) -> None:
-    """Refuse an instance entry that is not a mapping, lacks name/port, or holds unknown keys."""
+    """Refuse an instance entry that is not a mapping, holds unknown keys or bad values, or lacks
+    a name or port."""
     where = f"host {host_name}: vllm_instances[{index}]"
     if not isinstance(entry, Mapping):
         raise FleetConfigError(where, f"expected a mapping like {{name: a, port: 8001}}, got {entry!r}.",
                                "give each instance a name and a port.")
+    name = entry.get("name")
+    if isinstance(name, str) and INSTANCE_NAME.test(name):
+        where = f"host {host_name}: instance {name}: vllm_instances[{index}]"
     for key, value in entry.items():
-        if key in INSTANCE_KEYS:
-            continue
-        setting = PER_INSTANCE.get(key)
+        setting = INSTANCE_KEYS.get(key) or PER_INSTANCE.get(key)
         if setting is None:
             raise FleetConfigError(
                 f"{where}: `{key}`", "is not a per-instance setting.",
                 suggest(key, list(INSTANCE_KEYS) + list(PER_INSTANCE)))
-        _check_type(f"{where}: `{key}`", setting, value)
+        _check_value(f"{where}: `{key}`", setting, value)
+    for key, setting in INSTANCE_KEYS.items():
+        if entry.get(key) is None:
+            raise FleetConfigError(f"{where}: `{key}`", "is missing.", f"give every instance a {key}: {setting.doc}")
 
 
 def value(data: Mapping[str, Any], name: str, instance: Mapping[str, Any] | None = None) -> Any:
-    """A setting's effective value: instance override, then host/group data, then default."""
+    """A setting's effective value: instance override, then host/group data, then default (None
+    counts as unset at every level)."""
     setting = BY_NAME[name]
-    if instance is not None and setting.per_instance and setting.short_name in instance:
+    if instance is not None and setting.per_instance and instance.get(setting.short_name) is not None:
         return instance[setting.short_name]
     found = data.get(name)
     return setting.default if found is None else found
+
+
+def allowed(setting: Setting) -> str:
+    """The values a setting takes beyond its type, in words ("" when any of its type will do)."""
+    each = "each " if setting.item is not None else ""
+    parts = [f"one of {', '.join(map(str, setting.choices))}"] if setting.choices else []
+    parts += [f"a list of {_type_name(setting.item)}"] if setting.item is not None else []
+    parts += [each + setting.bounds()] if setting.bounds() else []
+    parts += [each + setting.form.what] if setting.form is not None else []
+    return "; ".join(parts)
 
 
 def describe(which: Iterable[Setting] = SETTINGS) -> str:
     """The settings table (or some of its rows) as plain text, for the CLI and the docs."""
     lines = []
     for s in which:
-        kind = s.type.__name__ if isinstance(s.type, type) else "/".join(t.__name__ for t in s.type)
         scope = " [per instance]" if s.per_instance else ""
-        lines.append(f"{s.name} ({kind}, default {s.default!r}){scope}\n    {s.doc}")
+        values = f"\n    allowed: {allowed(s)}" if allowed(s) else ""
+        lines.append(f"{s.name} ({_type_name(s.type)}, default {s.default!r}){scope}\n    {s.doc}{values}")
     return "\n".join(lines)

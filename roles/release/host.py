@@ -22,7 +22,7 @@ def host_install_command(lock: Lock, venv_dir: str, wheel_dir: str, python: str 
             f" && PIP_CONFIG_FILE=/dev/null {venv}/bin/python -m pip install --quiet --no-index --no-deps --require-hashes"
             f" --find-links {wheels} -r {host_lock}"
             f" && printf '%s\\n' {shlex.quote(lock.release)} > {venv}/.release"
-            f" && printf '%s\\n' {lock.digest} > {venv}/.lock-digest")
+            f" && printf '%s\\n' {shlex.quote(lock.digest)} > {venv}/.lock-digest")
 
 
 

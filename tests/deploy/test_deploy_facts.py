@@ -136,7 +136,9 @@ def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
     sim = SimulatedHost(ubuntu(22, 4))
     first = deploy(fleet, "h1", data, sim)
     stage = next(op for op in first if op.name.endswith("Model tiny"))
-    assert any("snapshot_download('acme/chat-7b', revision='0123456789abcdef0123456789abcdef01234567')" in c
+    # The id and revision are arguments of the download, never part of its Python source.
+    assert any("snapshot_download(sys.argv[1], revision=sys.argv[2])' acme/chat-7b "
+               "0123456789abcdef0123456789abcdef01234567" in c
                and "sudo -u vllm env HF_HOME=/var/lib/vllm-fleet/hf" in c for c in stage.commands)
     # The unit reads that snapshot offline, by path.
     snapshot = f"/var/lib/vllm-fleet/hf/hub/models--acme--chat-7b/snapshots/{revision}"

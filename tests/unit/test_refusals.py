@@ -64,7 +64,7 @@ def test_plan_refuses_malformed_version_pin(host_data, tmp_path):
 
 def test_plan_refuses_same_port_as_load_balancer(host_data):
     with pytest.raises(FleetConfigError, match="nginx_listen_port"):
-        plan_fleet([("h1", host_data(vllm_instances=[{"name": "a", "port": 80}]))], ["h1"])
+        plan_fleet([("h1", host_data(nginx_listen_port=8001))], ["h1"])
 
 
 def test_plan_refuses_fleet_serving_two_names(host_data):
@@ -101,3 +101,93 @@ def test_cli_stops_on_malformed_pin(host_data, tmp_path):
     result = run_cli(tmp_path, host_data(vllm_releases_dir=str(bad_release_file(tmp_path))))
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "packages.torch" in out and "Traceback" not in out, out
+
+
+# ---- issue 10's classes through `vllm-fleet plan`: one paragraph, exit 2, no traceback ------------
+
+VLLM_FLEET = Path(sys.executable).with_name("vllm-fleet")
+
+
+def plan_cli(tmp_path: Path, vllm: list, lb: list, **groups) -> subprocess.CompletedProcess:
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text("".join(f"{name} = {hosts!r}\n" for name, hosts in {"vllm": vllm, "lb": lb, **groups}.items()))
+    return subprocess.run([str(VLLM_FLEET), "plan", str(inventory)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def two_hosts(host_data, **second):
+    return [("h1", host_data()), ("h2", host_data(**{"ssh_hostname": "10.9.0.12", **second}))]
+
+
+# class: (vllm hosts, lb hosts, other groups, field, problem (with the value), fix), each from host_data
+CLI_CASES = {
+    "2 ranges: max_model_len 0": (
+        lambda d: [("h1", d(vllm_max_model_len=0))], ["h1"], {},
+        "host h1: `vllm_max_model_len`", "0 is outside the allowed range (at least 1)", "a value at least 1"),
+    "2 ranges: a privileged instance port": (
+        lambda d: [("h1", d(vllm_instances=[{"name": "a", "port": 443}]))], ["h1"], {},
+        "host h1: instance a: vllm_instances[0]: `port`", "443 is outside the allowed range (from 1024 to 65535)",
+        "runs unprivileged"),
+    "3 a load balancer's misspelt setting": (
+        lambda d: [("h1", d())], [("lb1", {"nginx_listen_prot": 8080})], {},
+        "host lb1: setting `nginx_listen_prot`", "is not a vllm-fleet setting", "did you mean `nginx_listen_port`?"),
+    "3 a load balancer's port out of range": (
+        lambda d: [("h1", d())], [("lb1", {"nginx_listen_port": 70000})], {},
+        "host lb1: `nginx_listen_port`", "70000 is outside the allowed range (from 1 to 65535)", "from 1 to 65535"),
+    "3 a host of another group": (
+        lambda d: [("h1", d())], ["h1"], {"monitoring": [("mon1", {"vllm_max_modle_len": 1})]},
+        "host mon1: setting `vllm_max_modle_len`", "is not a vllm-fleet setting", "`vllm_max_model_len`"),
+    "4 a flag a setting owns": (
+        lambda d: [("h1", d(vllm_extra_args=["--max-model-len=99999"]))], ["h1"], {},
+        "host h1: instance a: `vllm_extra_args`", "'--max-model-len=99999' sets --max-model-len",
+        "set `vllm_max_model_len` instead"),
+    "4 an API key on the command line": (
+        lambda d: [("h1", d(vllm_extra_args=["--api-key", "s3cret"]))], ["h1"], {},
+        "`vllm_extra_args`", "'--api-key' puts a secret on the command line", "set `vllm_api_key`"),
+    "4 two hosts on one address": (
+        lambda d: two_hosts(d, ssh_hostname="10.9.0.11"), ["h1"], {},
+        "host h2: `vllm_advertise_address`", "'10.9.0.11' (from ssh_hostname) is also host h1's address",
+        "give every host its own address"),
+    "4 loopback instances behind another host": (
+        lambda d: [("h1", d(vllm_listen_address="127.0.0.1"))], [("lb1", {"ssh_hostname": "10.9.0.2"})], {},
+        "host h1: `vllm_listen_address`", "'127.0.0.1' is a loopback address, but the load balancer lb1",
+        "set vllm_listen_address to 0.0.0.0"),
+    "4 a malformed model id": (
+        lambda d: [("h1", d(vllm_model_path=None, vllm_model_id="acme/../chat", vllm_model_revision="0" * 40))],
+        ["h1"], {}, "host h1: `vllm_model_id`", "'acme/../chat' is not a Hugging Face repository id",
+        "e.g. 'meta-llama/Llama-3.3-70B-Instruct'"),
+    "5 a path with a command in it": (
+        lambda d: [("h1", d(vllm_install_dir="/opt/$(touch /tmp/pwned)"))], ["h1"], {},
+        "host h1: `vllm_install_dir`", "'/opt/$(touch /tmp/pwned)' is not an absolute path of letters",
+        "e.g. '/opt/vllm-fleet'"),
+    "5 a user name with a space": (
+        lambda d: [("h1", d(vllm_user="vllm svc"))], ["h1"], {},
+        "host h1: `vllm_user`", "'vllm svc' is not a POSIX user name", "e.g. 'vllm'"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_plan_cli_refuses_each_class_with_field_value_and_fix(host_data, tmp_path, case):
+    vllm, lb, groups, field, problem, fix = CLI_CASES[case]
+    result = plan_cli(tmp_path, vllm(host_data), lb, **groups)
+    err = result.stderr
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith("refused: ") and field in lines[0], err
+    assert lines[1].startswith("  problem: ") and problem in lines[1], err
+    assert lines[2].startswith("  fix: ") and fix in lines[2], err
+
+
+def test_pyinfra_refuses_a_load_balancers_misspelt_setting_before_any_operation(host_data, tmp_path):
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text(textwrap.dedent(f"""
+        vllm = [("@fake/h1", {{**{host_data()!r}, "fake_delay": 0}})]
+        lb = [("@fake/lb1", {{"nginx_read_timout": 60}})]
+    """))
+    result = subprocess.run([str(PYINFRA), "-y", str(inventory), "deploys/vllm.py"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYINFRA_FAKE_DELAY": "0"})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out
+    assert "host @fake/lb1: setting `nginx_read_timout`" in out and "did you mean `nginx_read_timeout`?" in out, out
+    assert "Starting operation" not in out and "Success" not in out, out
