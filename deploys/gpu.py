@@ -7,8 +7,8 @@ the release venv. `deploys/vllm.py` runs the same steps before serving.
 
 from pyinfra import inventory
 
-from roles import site
+from roles import preflight, site
 from roles.plan.fleet import plan_inventory
 
-with site.refusals():
+with preflight.refusals():
     site.onboard(plan_inventory(inventory))

@@ -6,10 +6,10 @@ with a message naming the field and the fix, before any operation runs on any ho
 
 from pyinfra import inventory, state
 
-from roles import site
+from roles import preflight, site
 from roles.plan.fleet import check_run_limit, plan_inventory
 
-with site.refusals():
+with preflight.refusals():
     plan = plan_inventory(inventory)
     check_run_limit(plan, None if state.limit_hosts is None else [h.name for h in state.limit_hosts])
     site.serve(plan)

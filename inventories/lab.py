@@ -5,6 +5,7 @@ setting, its type and default: `vllm-fleet settings` (declared in roles/plan/set
 """
 
 from roles.lab.config import load_state
+from roles.preflight import plan_before_connecting
 
 # Settings of the whole lab fleet (kept here, not in group_data/, which every inventory in
 # this folder would share).
@@ -46,3 +47,7 @@ vllm = [
     for i, h in enumerate(_lab["hosts"])
 ]
 lb = [(_lab["hosts"][0]["name"], {"ssh_hostname": _lab["hosts"][0]["address"], **_ssh})]
+
+# Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
+# here, before pyinfra connects to any host.
+plan_before_connecting(globals())

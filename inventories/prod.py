@@ -8,6 +8,8 @@ Two 2-GPU H100 servers serving Llama 3.3 70B behind one nginx host:
 Planning reads the model's config.json from inventories/model_configs/.
 """
 
+from roles.preflight import plan_before_connecting
+
 _FLEET = {
     "vllm_release": "nvidia-vllm-0.32.0",
     "vllm_accelerator": "nvidia",
@@ -38,3 +40,7 @@ vllm = [
     ("gpu-02.internal", {**_FLEET, "vllm_instances": [{"name": "a", "port": 8001}]}),
 ]
 lb = [("lb-01.internal", {"ssh_user": "deploy", "_sudo": True})]
+
+# Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
+# here, before pyinfra connects to any host.
+plan_before_connecting(globals())

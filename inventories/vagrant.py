@@ -7,6 +7,8 @@ neither Vagrant nor the VMs. They are CPU hosts serving the lab's tiny model (`m
 it, or `vllm-fleet lab model .cache/models/tiny-llama`); fleet1 also runs the load balancer.
 """
 
+from roles.preflight import plan_before_connecting
+
 _FLEET = {
     "vllm_release": "cpu-vllm-0.32.0",  # resolved for Python 3.11: python3.11 on Ubuntu 22.04
     "vllm_accelerator": "cpu",
@@ -36,3 +38,7 @@ vllm = [
     ("fleet2", {**_vm("fleet2", "192.168.56.12"), "vllm_instances": [{"name": "a", "port": 8001}]}),
 ]
 lb = ["fleet1"]
+
+# Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
+# here, before pyinfra connects to any host.
+plan_before_connecting(globals())

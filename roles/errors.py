@@ -2,7 +2,7 @@
 
 It sits below every other layer (planner, releases, roles, lab) and imports nothing of
 pyinfra, so that the planner can be used, and tested, without it. The deploy files turn it
-into a pyinfra error (``roles.site.refusals``), which pyinfra's CLI prints as one paragraph,
+into a pyinfra error (``roles.preflight.refusals``), which pyinfra's CLI prints as one paragraph,
 without a traceback, before any operation runs on any host.
 """
 

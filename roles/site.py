@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.api.exceptions import PyinfraError
 
 from roles import nginx, nvidia, paths, rollout, smoke, vllm
-from roles.errors import FleetConfigError
 from roles.plan.fleet import FleetPlan, HostPlan
-
-
-class FleetRefusal(PyinfraError):
-    """A ``FleetConfigError`` as pyinfra's CLI shows it: one paragraph, no traceback, no operation run."""
-
-
-@contextmanager
-def refusals():
-    """Around a deploy file's body: a refusal of the plan or of a role stops the run cleanly."""
-    try:
-        yield
-    except FleetConfigError as error:
-        raise FleetRefusal(str(error)) from None
 
 
 def _onboard(host_plan: HostPlan):

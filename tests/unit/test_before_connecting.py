@@ -1,0 +1,70 @@
+"""A configuration that cannot work is refused while pyinfra loads the inventory, before it
+connects to any host: the hosts here do not even resolve (`.invalid` never does, RFC 2606), and
+the run must stop with the field and the fix without trying them."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_cli import vllm_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = Path(sys.executable).with_name("pyinfra")
+
+
+def inventory(tmp_path: Path, model_dir: Path, second_host: dict | None = None, **overrides) -> Path:
+    data = {"vllm_release": "cpu-vllm-0.32.0", "vllm_model_path": str(model_dir),
+            "vllm_instances": [{"name": "a", "port": 8001}], **overrides}
+    path = tmp_path / "fleet.py"
+    path.write_text(textwrap.dedent(f"""
+        from roles.preflight import plan_before_connecting
+
+        _DATA = {data!r}
+        vllm = [("gpu-01.invalid", _DATA), ("gpu-02.invalid", {{**_DATA, **{second_host or {}!r}}})]
+        lb = ["gpu-01.invalid"]
+
+        plan_before_connecting(globals())
+    """))
+    return path
+
+
+def pyinfra(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYINFRA), "-y", str(path), "deploys/vllm.py"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYINFRA_PROGRESS": "off"})
+
+
+@pytest.mark.parametrize("overrides, field, fix", [
+    ({"vllm_max_modle_len": 2048}, "host gpu-01.invalid: setting `vllm_max_modle_len`",
+     "did you mean `vllm_max_model_len`?"),
+    ({"vllm_release": "cpu-vllm-9.9.9"}, "there is no release 'cpu-vllm-9.9.9'", "use one of: cpu-vllm-0.32.0"),
+    ({"vllm_instances": [{"name": "a", "port": 8001}, {"name": "b", "port": 8001}]},
+     "host gpu-01.invalid: vllm_instances[1].port", "give every instance on a host its own port"),
+])
+def test_refused_before_connecting(tmp_path, model_dir, overrides, field, fix):
+    path = inventory(tmp_path, model_dir, **overrides)
+    result = pyinfra(path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert field in out and fix in out, out
+    assert "Traceback" not in out, out
+    # Stopped while loading the inventory: pyinfra never reached its connect stage.
+    assert "Loading inventory" in out and "Connecting to hosts" not in out, out
+    cli = vllm_fleet("plan", str(path))
+    assert cli.returncode == 2 and field in cli.stderr and fix in cli.stderr, cli.stderr
+
+
+def test_a_plannable_inventory_goes_on_to_connect(tmp_path, model_dir):
+    """The control case: the same inventory without a mistake reaches pyinfra's connect stage
+    (its hosts on loopback, port 9 where nothing listens: no name is looked up, nothing answers)."""
+    # ssh goes to loopback; the advertised addresses (documentation range) are only written into nginx's
+    # configuration, which this run never reaches.
+    path = inventory(tmp_path, model_dir, {"ssh_hostname": "127.0.0.2", "vllm_advertise_address": "192.0.2.2"},
+                     ssh_hostname="127.0.0.1", ssh_port=9, vllm_advertise_address="192.0.2.1")
+    result = pyinfra(path)
+    out = result.stdout + result.stderr
+    assert "Connecting to hosts" in out, out
+    assert result.returncode != 0, out  # nothing answers on 127.0.0.1:9
