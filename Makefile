@@ -51,7 +51,8 @@ test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
 	$(FLEET) lab up --hosts $(LAB_HOSTS)
 	$(FLEET) release wheelhouse $(RELEASE)
 	$(FLEET) release wheelhouse $(NEXT_RELEASE)
-	$(PY) -m pytest -v -s -m lab tests/lab
+	# In this order: the end-to-end tests deploy the fleet that the capacity and rollout tests use.
+	$(PY) -m pytest -v -s -m lab tests/lab/test_lab_hosts.py tests/lab/test_lab_e2e.py tests/lab/test_lab_capacity.py tests/lab/test_lab_rollout.py
 
 lab-down: setup
 	$(FLEET) lab down
