@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 
 
-def inventory(tmp_path: Path, model_dir: Path, second_host: dict | None = None, **overrides) -> Path:
+def inventory(tmp_path: Path, model_dir: Path, second_host: dict | None = None, lb: list | None = None,
+              **overrides) -> Path:
     data = {"vllm_release": "cpu-vllm-0.32.0", "vllm_model_path": str(model_dir),
             "vllm_instances": [{"name": "a", "port": 8001}], **overrides}
     path = tmp_path / "fleet.py"
@@ -25,7 +26,7 @@ def inventory(tmp_path: Path, model_dir: Path, second_host: dict | None = None, 
 
         _DATA = {data!r}
         vllm = [("gpu-01.invalid", _DATA), ("gpu-02.invalid", {{**_DATA, **{second_host or {}!r}}})]
-        lb = ["gpu-01.invalid"]
+        lb = {lb or ["gpu-01.invalid"]!r}
 
         plan_before_connecting(globals())
     """))
@@ -37,14 +38,29 @@ def pyinfra(path: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "PYINFRA_PROGRESS": "off"})
 
 
-@pytest.mark.parametrize("overrides, field, fix", [
-    ({"vllm_max_modle_len": 2048}, "host gpu-01.invalid: setting `vllm_max_modle_len`",
-     "did you mean `vllm_max_model_len`?"),
-    ({"vllm_release": "cpu-vllm-9.9.9"}, "there is no release 'cpu-vllm-9.9.9'", "use one of: cpu-vllm-0.32.0"),
-    ({"vllm_instances": [{"name": "a", "port": 8001}, {"name": "b", "port": 8001}]},
-     "host gpu-01.invalid: vllm_instances[1].port", "give every instance on a host its own port"),
-])
-def test_refused_before_connecting(tmp_path, model_dir, overrides, field, fix):
+CASES = {
+    # class of mistake: (inventory changes, text the field and problem must hold, text the fix must hold)
+    "misspelt setting": ({"vllm_max_modle_len": 2048}, "host gpu-01.invalid: setting `vllm_max_modle_len`",
+                         "did you mean `vllm_max_model_len`?"),
+    "unknown release": ({"vllm_release": "cpu-vllm-9.9.9"}, "there is no release 'cpu-vllm-9.9.9'",
+                        "use one of: cpu-vllm-0.32.0"),
+    "duplicate port": ({"vllm_instances": [{"name": "a", "port": 8001}, {"name": "b", "port": 8001}]},
+                       "host gpu-01.invalid: vllm_instances[1].port", "give every instance on a host its own port"),
+    "out of range": ({"vllm_instances": [{"name": "a", "port": 80}]}, "80 is outside the allowed range",
+                     "from 1024 to 65535"),
+    "load balancer only host": ({"lb": [("lb-01.invalid", {"nginx_listen_prot": 8080})]},
+                                "host lb-01.invalid: setting `nginx_listen_prot`", "did you mean `nginx_listen_port`?"),
+    "flag a setting owns": ({"vllm_extra_args": ["--max-model-len", "4096"]}, "--max-model-len",
+                            "set `vllm_max_model_len` instead"),
+    "one address, two hosts": ({"second_host": {"vllm_advertise_address": "gpu-01.invalid"}},
+                               "host gpu-01.invalid's address", "vllm_advertise_address"),
+    "value that reaches a shell": ({"vllm_install_dir": "/opt/vllm fleet"}, "vllm_install_dir", "absolute path"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_refused_before_connecting(tmp_path, model_dir, case):
+    overrides, field, fix = CASES[case]
     path = inventory(tmp_path, model_dir, **overrides)
     result = pyinfra(path)
     out = result.stdout + result.stderr
