@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import deploy
 
 from roles import nginx, nvidia, paths, rollout, smoke, vllm
@@ -18,6 +18,13 @@ def _onboard(host_plan: HostPlan):
     if host_plan.accelerator == "nvidia":
         nvidia.health(host_plan, python=f"{host_plan.venv_dir}/bin/python")
     return venv
+
+
+def _warn_tight_fits(host_plan: HostPlan) -> None:
+    """The plan's warnings (a fit that leaves almost no KV cache) where the operator looks: the deploy."""
+    for inst in host_plan.instances:
+        for warning in inst.fit.warnings:
+            logger.warning(f"{host.print_prefix}instance {inst.name}: {warning}")
 
 
 @deploy("GPU onboarding")
@@ -37,6 +44,7 @@ def serve(plan: FleetPlan):
     run = rollout.for_run(plan)
     env_texts: dict[str, str] = {}
     if host_plan is not None:
+        _warn_tight_fits(host_plan)
         if _onboard(host_plan) is None:
             return
         env_texts = vllm.vllm_host(host_plan, run)

@@ -172,3 +172,16 @@ def test_facts_read_empty_output_as_nothing_found():
     assert PciNvidia().default() == {"gpus": 0, "nvswitches": 0}
     assert SecureBoot().default() is False and AptHolds().default() == []
     assert PciNvidia().process(["0x030200", "0x068000", "0x068000", "0x020000"]) == {"gpus": 1, "nvswitches": 2}
+
+
+def test_a_tight_fit_is_warned_in_the_deploy(gpu_data, caplog):
+    """The plan's tight-fit warning reaches the operator running pyinfra, not only `vllm-fleet plan`:
+    2% of an H200 leaves about 0.7 GB of KV cache per GPU after the reserve."""
+    with caplog.at_level("WARNING", logger="pyinfra"):
+        run(gpu_data(vllm_gpu_memory_utilization=0.02), gpu_host(debian(12)))
+    warned = [r.getMessage() for r in caplog.records if "tight fit" in r.getMessage()]
+    assert len(warned) == 1 and "instance a: tight fit:" in warned[0] and "of KV cache per GPU" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pyinfra"):
+        run(gpu_data(), gpu_host(debian(12)))
+    assert not [r for r in caplog.records if "tight fit" in r.getMessage()]
