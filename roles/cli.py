@@ -66,7 +66,8 @@ def gpus(args) -> int:
     for key in [args.gpu_type] if args.gpu_type else GPUS:
         g = gpu_spec(key)
         print(f"{key:10} {g.name:28} {gib(g.memory_bytes):>10}  {g.bandwidth_bytes_per_s / 1e12:5.2f} TB/s"
-              f"  bf16 {'yes' if g.bf16 else 'no':3}  fp8 {'yes' if g.fp8 else 'no'}")
+              f"  bf16 {'yes' if g.bf16 else 'no':3}  fp8 {'yes' if g.fp8 else 'no':3}"
+              f"  compute capability {g.compute_capability:.1f}")
     return 0
 
 

@@ -160,12 +160,13 @@ SETTINGS: tuple[Setting, ...] = (
             "config.json (or its folder) on the control node for a hub model; unset: "
             "inventories/model_configs/<org>--<name>/, then the control node's Hugging Face cache."),
     Setting("vllm_gpu_type", str, None,
-            "GPU model of an NVIDIA host, an id of roles/gpus.py (e.g. h100-sxm) or of vllm_gpu_types."),
+            "GPU model of an NVIDIA host, an id of `vllm-fleet gpus` (e.g. h100-sxm) or of vllm_gpu_types."),
     Setting("vllm_gpu_count", int, None,
             "GPUs in an NVIDIA host; checked against the host (NVML) and the instances' GPUs.",
             minimum=1, maximum=16),
     Setting("vllm_gpu_types", dict, None,
-            "Extra GPU models: {id: {memory_gib, bandwidth_tb_s, bf16, fp8}}, adding to roles/gpus.py."),
+            "Extra GPU models: {id: {memory_gib, bandwidth_tb_s, bf16, fp8, compute_capability (optional)}}, "
+            "adding to roles/plan/gpus.py."),
     Setting("vllm_advertise_address", str, None,
             "Address the load balancer uses to reach this host; defaults to ssh_hostname, then the host name.",
             form=ADDRESS),
@@ -179,9 +180,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Most sequences batched at once (--max-num-seqs); unset: as many max-length sequences as the "
             "KV cache holds, at most 256.", per_instance=True, minimum=1),
     Setting("vllm_quantization", str, None,
-            "Weight quantization: fp8 (on the fly, Ada/Hopper), awq or gptq (pre-quantized checkpoints).",
+            "Weight quantization: fp8 (on the fly; Ada/Hopper, weight-only on Ampere), awq or gptq (pre-quantized "
+            "checkpoints). Unset: a quantized checkpoint runs in its own format.",
             per_instance=True, choices=("fp8", "awq", "gptq")),
-    Setting("vllm_kv_cache_dtype", str, "auto", "KV cache dtype (--kv-cache-dtype); fp8 halves it on fp8 GPUs.",
+    Setting("vllm_kv_cache_dtype", str, "auto", "KV cache dtype (--kv-cache-dtype); fp8 halves it (fp8_e4m3 needs an fp8 GPU, fp8_e5m2 runs from Ampere).",
             per_instance=True, choices=("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")),
     Setting("vllm_gpu_memory_utilization", float, 0.90,
             "Fraction of each GPU's memory vLLM may use (NVIDIA only).", per_instance=True, above=0, maximum=1),
