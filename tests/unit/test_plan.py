@@ -77,3 +77,36 @@ def test_fp8_on_one_h100_fits_and_reports_the_kv_cache_left():
 def test_nvidia_host_without_a_driver_repository_is_refused():
     with pytest.raises(FleetConfigError, match="nvidia_repo_url: is not set"):
         plan_fleet([("gpu-01", article_host(nvidia_repo_url=None, vllm_quantization="fp8"))], ["gpu-01"])
+
+
+def planned_through_the_cli(tmp_path, model_id: str, **overrides) -> str:
+    """`vllm-fleet plan` on a one-host inventory serving a hub model whose config.json the project
+    keeps in inventories/model_configs/; its table, after asserting it planned."""
+    data = article_host(**{"vllm_model_id": model_id, "vllm_tensor_parallel_size": None, "vllm_dtype": "auto",
+                           **overrides})
+    inventory = tmp_path / "fleet.py"
+    inventory.write_text(f"vllm = [('gpu-01', {data!r})]\nlb = ['gpu-01']\n")
+    result = run_plan(inventory)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stdout
+
+
+def test_planner_fixes_through_the_cli(tmp_path):
+    """Issue 10's planner classes as an operator sees them, each on its published case."""
+    # 8: gpt-oss-120b's MXFP4 checkpoint is about 65 GB (model card: 60.8 GiB) and fits one H200.
+    gpt_oss = planned_through_the_cli(tmp_path, "openai/gpt-oss-120b", vllm_gpu_type="h200", vllm_max_model_len=None)
+    assert "1x h200" in gpt_oss and " 65.2 GB " in gpt_oss, gpt_oss
+    # 7: fp8 Llama-3.1-8B on an A100-80GB runs weight-only (Marlin) and fits.
+    fp8_a100 = planned_through_the_cli(tmp_path, "meta-llama/Llama-3.1-8B-Instruct", vllm_gpu_type="a100-80gb",
+                                       vllm_quantization="fp8")
+    assert "1x a100-80gb  fp8" in fp8_a100 and "weight-only" in fp8_a100, fp8_a100
+    # 9: gemma-3-27b-it's own config (a multimodal text_config with library defaults) plans.
+    gemma = planned_through_the_cli(tmp_path, "google/gemma-3-27b-it", vllm_gpu_type="h200")
+    assert gemma.splitlines()[2].startswith("gpu-01"), gemma
+    # 10: Qwen2.5-72B in bf16 on 4 x A100-40GB fits with almost no KV cache: a warning, with ways out.
+    qwen = planned_through_the_cli(tmp_path, "Qwen/Qwen2.5-72B-Instruct", vllm_gpu_type="a100-40gb",
+                                   vllm_gpu_count=4, vllm_tensor_parallel_size=4, vllm_max_model_len=None)
+    assert "WARNING gpu-01/a: tight fit:" in qwen and "Ways out:" in qwen, qwen
+    # 11: both decode ceilings, labelled: Llama-3.1-8B on one H100 at its full context.
+    llama = planned_through_the_cli(tmp_path, "meta-llama/Llama-3.1-8B-Instruct", vllm_max_model_len=None)
+    assert "209 tokens/s reading the weights alone" in llama and "101 tokens/s at 131,072 tokens" in llama, llama
