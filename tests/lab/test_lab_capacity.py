@@ -17,7 +17,7 @@ from roles.lab import tiny_model
 from roles.lab.hosts import ssh_command
 from roles.plan.capacity import Deployment, plan_capacity
 from roles.plan.model import ModelArch
-from tests.lab.labkit import REPO, bring_up_lab
+from tests.lab.labkit import REPO, bring_up_lab, run_deploy
 
 pytestmark = pytest.mark.lab
 
@@ -68,9 +68,7 @@ def check(label: str, reported: int, predicted: int) -> None:
 
 def test_deployed_instance_matches_plan(lab):
     """Setting 1: the lab fleet as deployed (tiny Llama, bf16 KV, 256 MiB)."""
-    from test_lab_e2e import run_deploy  # the fleet must be deployed; a no-change run if it is
-
-    assert run_deploy().returncode == 0
+    assert run_deploy().returncode == 0  # the fleet must be deployed; a no-change run if it is
     host = lab["hosts"][1]["name"]
     journal = ssh(host, "journalctl -u vllm@a --no-pager -o cat | grep 'CPU KV cache size' | tail -1")
     check("deployed tiny-llama bf16, 256 MiB", reported_tokens(journal),
