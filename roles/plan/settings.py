@@ -83,7 +83,7 @@ CPU_LIST = Form("a CPU list like 0-3,8 (numbers and ranges, comma-separated)", "
                 _pattern(r"\d+(-\d+)?(,\d+(-\d+)?)*"))
 ADDRESS = Form("an IP address or a host name (letters, digits, '-', '_' and dots)", "10.0.0.5", _address)
 URL = Form("an http or https URL of letters, digits and ._~%+,=@:/- (no whitespace or quotes)",
-           "https://developer.download.nvidia.com/compute/cuda/repos",
+           "https://cuda-mirror.internal/compute/cuda/repos",
            _pattern(r"https?://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%+,=@:-]*)*"))
 FILE_NAME = Form("a file name of letters, digits and ._+- (no '/')", "3bf863cc.pub",
                  _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]*"))
