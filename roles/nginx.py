@@ -40,6 +40,7 @@ def template_vars(plan: FleetPlan, data) -> dict:
         "keepalive": settings.value(data, "nginx_keepalive"),
         "client_max_body_size": settings.value(data, "nginx_client_max_body_size"),
         "connect_timeout": settings.value(data, "nginx_connect_timeout"),
+        "routes": [*settings.EDGE_ROUTES, *settings.value(data, "nginx_task_routes")],
     }
 
 

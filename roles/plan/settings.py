@@ -93,6 +93,13 @@ SERVED_NAME = Form("1 to 128 letters, digits and ._:/- starting with a letter or
                    "llama-3.3-70b", _pattern(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"))
 NGINX_SIZE = Form("an nginx size: a number, optionally followed by k, m or g", "64m",
                   _pattern(r"\d+[kKmMgG]?"))
+# The edge always serves these; a model's task may need more of vLLM's OpenAI routes (an
+# embedding model: /v1/embeddings), never its engine-control or debugging routes.
+EDGE_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+TASK_ROUTES = ("/v1/embeddings", "/v1/responses", "/v1/audio/transcriptions", "/v1/audio/translations",
+               "/v1/score", "/v1/rerank")
+TASK_ROUTE = Form(f"one of vLLM's OpenAI task routes: {', '.join(TASK_ROUTES)}", "/v1/embeddings",
+                  lambda text: text in TASK_ROUTES)
 SECRET = Form("printable ASCII without whitespace, quotes, backslashes, $ or backticks", "sk-fleet-2f9c1e",
               _secret)
 ENGINE_ARG = Form("one vLLM argument without whitespace (systemd splits the flags at whitespace), "
@@ -275,6 +282,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_connect_timeout", int, 5,
             "Seconds nginx waits to connect to an instance before it tries another (proxy_connect_timeout; nginx "
             "allows at most 75).", minimum=1, maximum=75),
+    Setting("nginx_task_routes", list, [],
+            f"Routes the edge forwards besides {', '.join(EDGE_ROUTES)} and /health, for the served model's task "
+            "(e.g. /v1/embeddings); every other path answers 404 at the edge.", item=str, form=TASK_ROUTE),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

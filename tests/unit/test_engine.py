@@ -1,5 +1,6 @@
 """Flags, environment and placement rendered from inventory settings (pure functions)."""
 
+import json
 import shlex
 from types import SimpleNamespace
 
@@ -139,3 +140,30 @@ def test_ipv6_instances_are_bracketed_for_nginx_and_the_drain(host_data):
     servers = [line.split()[1:] for line in conf.splitlines() if line.strip().startswith("server [")]
     assert servers == [["[fd00::11]:8001", "max_fails=1", "fail_timeout=10s;"],
                        ["[fd00::11]:8002", "max_fails=1", "fail_timeout=10s", "down;", "#", "restarting"]]
+
+
+def proxied_routes(conf: str) -> list[str]:
+    """The exact-match locations that proxy to the fleet, in the order the configuration lists them."""
+    blocks = conf.split("location = ")[1:]
+    return [block.split()[0] for block in blocks if "proxy_pass http://vllm_fleet;" in block.split("}")[0]]
+
+
+def test_the_edge_forwards_only_the_allowlist(host_data):
+    fleet = plan_fleet([("h1", host_data())], ["h1"])
+    conf = render_conf(fleet, {})
+    assert proxied_routes(conf) == ["/v1/models", "/v1/completions", "/v1/chat/completions", "/health"]
+    # Everything else is answered by nginx itself, in OpenAI's error shape.
+    catch_all = conf.split("location / {", 1)[1].split("}", 1)[0]
+    assert catch_all.split() == ["return", "404;"] and "error_page 404 @not_found;" in conf
+    assert conf.count("proxy_pass") == 4
+    not_found = conf.split("location @not_found {", 1)[1].split("\n    }", 1)[0]
+    body = not_found.split("return 404 '", 1)[1].rsplit("\\n';", 1)[0]
+    assert json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_a_task_route_is_added_and_others_are_refused(host_data):
+    fleet = plan_fleet([("h1", host_data())], ["h1"])
+    conf = render_conf(fleet, {"nginx_task_routes": ["/v1/embeddings"]})
+    assert proxied_routes(conf)[-2:] == ["/v1/embeddings", "/health"]
+    with pytest.raises(FleetConfigError, match=r"nginx_task_routes.*one of vLLM's OpenAI task routes: /v1/embeddings"):
+        plan_fleet([("h1", host_data(nginx_task_routes=["/pause"]))], ["h1"])
