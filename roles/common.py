@@ -14,6 +14,11 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def gb(n: float) -> str:
+    """Bytes as GB (1e9) with one decimal: the capacity plan's unit, as vendors size GPUs."""
+    return f"{n / 1e9:.1f} GB"
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

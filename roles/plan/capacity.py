@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from roles.common import GIB
+from roles.common import GIB, gb
 from roles.errors import FleetConfigError
 from roles.plan.instance import (
     CPU_BLOCK_SIZE,
@@ -40,7 +40,6 @@ from roles.plan.instance import (
     PlannedInstance,
     Room,
     fitting_layout,
-    gb,
     longest_sequence,
     resolve,
     room,

@@ -48,10 +48,6 @@ TP_CHOICES = (1, 2, 4, 8)
 """Tensor-parallel sizes tried for ``smallest_tp`` and suggested in fixes (one host's GPUs)."""
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
 def round_down(n: float, block: int) -> int:
     return max(0, int(n // block) * block)
 

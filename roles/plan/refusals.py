@@ -4,6 +4,7 @@ the fix (or None when it passes), and the ways out are themselves checked to fit
 
 from __future__ import annotations
 
+from roles.common import gb
 from roles.errors import FleetConfigError
 from roles.plan.gpus import GPUS, GpuSpec
 from roles.plan.instance import (
@@ -12,7 +13,6 @@ from roles.plan.instance import (
     PlannedInstance,
     Room,
     fitting_layout,
-    gb,
     round_up,
     seq_bytes,
     tokens_in,

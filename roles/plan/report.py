@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+from roles.common import gb
 from roles.plan import settings
 from roles.plan.cost import break_even, cost_per_million_tokens
 from roles.plan.fleet import FleetPlan, HostPlan, Instance
 from roles.plan.instance import RESERVE_REASON
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
 
 
 def _flag(inst: Instance, setting: str, value: int) -> str:
@@ -21,8 +18,8 @@ def instance_row(host: HostPlan, inst: Instance) -> list[str]:
     fit = inst.fit
     hardware = f"{fit.tensor_parallel}x {host.gpu.name}" if host.gpu else "cpu"
     quant = fit.quantization or fit.weight_dtype
-    budget = _gb(fit.budget_bytes_per_gpu) + ("!" if fit.warnings else "")
-    return [host.name, inst.name, hardware, quant, _gb(fit.weight_bytes_per_gpu), budget,
+    budget = gb(fit.budget_bytes_per_gpu) + ("!" if fit.warnings else "")
+    return [host.name, inst.name, hardware, quant, gb(fit.weight_bytes_per_gpu), budget,
             f"{fit.kv_tokens:,}", _flag(inst, "vllm_max_model_len", fit.max_model_len),
             f"{fit.max_concurrent_seqs:,}", _flag(inst, "vllm_max_num_seqs", fit.max_num_seqs),
             _speed(fit.decode_ceiling_weights_only_tokens_per_s), _speed(fit.decode_ceiling_tokens_per_s)]
