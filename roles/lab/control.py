@@ -19,6 +19,7 @@ from roles.lab.config import (
 )
 from roles.lab.hosts import (
     boot_host,
+    booted_as_now,
     ensure_overlay,
     hosts_on_disk,
     init_host_rootfs,
@@ -49,6 +50,11 @@ def up(count: int) -> None:
             say(f"{name} runs without its network namespace: restarting it")
             stop_host(name)
         merged = ensure_overlay(name)
+        if nspawn_pid(name) and not booted_as_now(name, merged):
+            # Kept from an older checkout: its disk stays, it boots again with today's options.
+            say(f"{name} was booted with other nspawn options: restarting it")
+            stop_host(name)
+            merged = ensure_overlay(name)
         write_hosts_file(merged, name, count)
         if nspawn_pid(name):
             continue

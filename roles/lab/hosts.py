@@ -95,23 +95,42 @@ def remove_cgroups(name: str) -> None:
             group.rmdir()
 
 
-def boot_host(name: str, merged: Path) -> None:
-    """Start nspawn for a host, detached.
+def nspawn_argv(name: str, merged: Path) -> list[str]:
+    """How a host is booted. No extra nspawn options are needed for the units deploys use:
+    User=, PrivateTmp=, CacheDirectory= and /dev/shm (a tmpfs of 10% of RAM) work as is.
+    LimitNOFILE= is clamped to this machine's hard limit (20000 here): its bounding set lacks
+    CAP_SYS_RESOURCE, so neither nspawn's --rlimit= nor systemd inside can raise it."""
+    return ["systemd-nspawn", "--boot",
+            # PID 1 here is not systemd: nspawn cannot register with machined or make a scope.
+            "--register=no", "--keep-unit",
+            "-D", str(merged), "-M", name,
+            f"--network-namespace-path=/run/netns/{netns_name(name)}",
+            # The host firewall (roles/firewall.py) loads an nftables table, and nf_tables answers
+            # only a process with CAP_NET_ADMIN, which nspawn leaves out of the container's bounding
+            # set with --network-namespace-path: without it nft fails, "Operation not permitted".
+            # It acts on the host's own namespace (its eth0, as root on a real host can), never on
+            # the bridge or the control node's side; no service of the base configures interfaces.
+            "--capability=CAP_NET_ADMIN",
+            # Log the boot to console.log and never wait on a terminal.
+            "--console=read-only"]
 
-    No extra nspawn options are needed for the units deploys use: User=, PrivateTmp=,
-    CacheDirectory= and /dev/shm (a tmpfs of 10% of RAM) work as is. LimitNOFILE= is clamped to
-    this machine's hard limit (20000 here): its bounding set lacks CAP_SYS_RESOURCE, so neither
-    nspawn's --rlimit= nor systemd inside can raise it.
-    """
+
+def booted_as_now(name: str, merged: Path) -> bool:
+    """Whether the running host was booted as ``nspawn_argv`` boots one today (a lab kept from
+    an older checkout may lack an option that a deploy now needs)."""
+    pid = nspawn_pid(name)
+    try:
+        running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except (OSError, TypeError):
+        return False
+    return [arg.decode() for arg in running] == nspawn_argv(name, merged)
+
+
+def boot_host(name: str, merged: Path) -> None:
+    """Start nspawn for a host, detached."""
     console = open(host_dir(name) / "console.log", "ab")
     process = subprocess.Popen(
-        ["systemd-nspawn", "--boot",
-         # PID 1 here is not systemd: nspawn cannot register with machined or make a scope.
-         "--register=no", "--keep-unit",
-         "-D", str(merged), "-M", name,
-         f"--network-namespace-path=/run/netns/{netns_name(name)}",
-         # Log the boot to console.log and never wait on a terminal.
-         "--console=read-only"],
+        nspawn_argv(name, merged),
         stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
         start_new_session=True,  # own session: the host outlives this CLI and its terminal
         preexec_fn=lambda: enter_own_cgroups(name),
