@@ -21,7 +21,7 @@ from roles.common import did_you_mean
 from roles.errors import FleetConfigError
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
-ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_")
+ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_")
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,6 @@ def _address(text: str) -> bool:
 
 def _engine_arg(text: str) -> bool:
     return bool(text) and text.isprintable() and not any(c.isspace() for c in text)
-
-
-def _secret(text: str) -> bool:
-    # An EnvironmentFile value in double quotes: quotes, backslashes and $ would be read as syntax.
-    return bool(text) and text.isascii() and text.isprintable() \
-        and not any(c.isspace() or c in "'\"\\$`" for c in text)
 
 
 # DNS labels; '_' too, which resolvers (and so nginx) accept in /etc/hosts names and ssh aliases.
@@ -91,6 +85,9 @@ RELEASE_NAME = Form("a manifest name of letters, digits and ._+- (the file name 
                     "cpu-vllm-0.32.0", _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]*"))
 SERVED_NAME = Form("1 to 128 letters, digits and ._:/- starting with a letter or digit (no whitespace)",
                    "llama-3.3-70b", _pattern(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"))
+RELATIVE_OR_ABSOLUTE_PATH = Form("a path of letters, digits and ._+- components (no whitespace, shell "
+                                 "metacharacters or '..')", "inventories/secrets/prod",
+                                 _pattern(r"/?(?!\.\.?(/|$))[A-Za-z0-9._+-]+(/(?!\.\.?(/|$))[A-Za-z0-9._+-]+)*"))
 NGINX_SIZE = Form("an nginx size: a number, optionally followed by k, m or g", "64m",
                   _pattern(r"\d+[kKmMgG]?"))
 # The edge always serves these; a model's task may need more of vLLM's OpenAI routes (an
@@ -100,8 +97,6 @@ TASK_ROUTES = ("/v1/embeddings", "/v1/responses", "/v1/audio/transcriptions", "/
                "/v1/score", "/v1/rerank")
 TASK_ROUTE = Form(f"one of vLLM's OpenAI task routes: {', '.join(TASK_ROUTES)}", "/v1/embeddings",
                   lambda text: text in TASK_ROUTES)
-SECRET = Form("printable ASCII without whitespace, quotes, backslashes, $ or backticks", "sk-fleet-2f9c1e",
-              _secret)
 ENGINE_ARG = Form("one vLLM argument without whitespace (systemd splits the flags at whitespace), "
                   "e.g. '--seed' and '7' as two elements", "--seed", _engine_arg)
 INSTANCE_NAME = Form("1 to 32 lower-case letters, digits and '-', starting with a letter or digit "
@@ -213,19 +208,18 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU cores an instance's threads are bound to (e.g. '0-3'); unset: the host's cores "
             "split evenly between its instances.", per_instance=True, form=CPU_LIST),
     Setting("vllm_extra_args", list, [],
-            "Further vLLM flags, appended verbatim; never one a setting owns, nor a secret (see vllm_api_key).",
+            "Further vLLM flags, appended verbatim; never one a setting owns, nor a secret (instances get their API key "
+            "from the fleet's secrets, through the environment).",
             per_instance=True, item=(str, int, float), form=ENGINE_ARG),
-    Setting("vllm_api_key", str, None,
-            "API key vLLM requires on /v1/* (passed through the environment, never on the command line).",
-            per_instance=True, form=SECRET),
     # --- host layout and lifecycle ----------------------------------------------------------------
     Setting("vllm_user", str, "vllm", "System user the instances run as.", form=POSIX_USER),
     Setting("vllm_install_dir", str, "/opt/vllm-fleet", "Venvs (one per release lock) and the 'current' link.",
             form=ABSOLUTE_PATH),
     Setting("vllm_data_dir", str, "/var/lib/vllm-fleet", "Staged models and the Hugging Face cache.",
             form=ABSOLUTE_PATH),
-    Setting("vllm_listen_address", str, "0.0.0.0",
-            "Address the instances listen on; a loopback one only when the load balancer is this host.",
+    Setting("vllm_listen_address", str, None,
+            "Address the instances listen on; unset: vllm_advertise_address (what the load balancer reaches), "
+            "so no instance listens on every interface. A loopback one only when the load balancer is this host.",
             form=ADDRESS),
     Setting("vllm_keep_releases", int, 3,
             "Release venvs kept on a host for instant rollback; older ones are removed (never the one in use).",
@@ -264,8 +258,33 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvidia_burnin", bool, False,
             "Run the GPU burn-in on every deploy (it always runs on a host's first onboarding)."),
     # --- load balancer -----------------------------------------------------------------------------
-    Setting("nginx_listen_port", int, 80, "Port the load balancer listens on (nginx starts as root: below 1024 "
-            "is fine).", minimum=1, maximum=65535),
+    Setting("nginx_listen_port", int, 443, "Port the load balancer serves HTTPS on (nginx starts as root: below "
+            "1024 is fine).", minimum=1, maximum=65535),
+    Setting("nginx_http_redirect_port", int, None,
+            "Port where plain HTTP answers with a redirect to HTTPS; unset: nothing listens for plain HTTP.",
+            minimum=1, maximum=65535),
+    Setting("nginx_secrets_dir", str, None,
+            "Folder on the control node, outside git, holding the fleet's secrets (required on load balancer "
+            "hosts): clients.toml (client names and keys: `vllm-fleet keys add`), and what the deploy generates: "
+            "the instances' internal key, the smoke test's key, the fleet CA and the edge certificates. Relative "
+            "to where pyinfra runs.", form=RELATIVE_OR_ABSOLUTE_PATH),
+    Setting("nginx_tls_certificate", str, None,
+            "Your certificate (PEM, chain included) for the edge, on the control node; unset: one issued by the "
+            "fleet's own CA in nginx_secrets_dir. Set with nginx_tls_key.", form=RELATIVE_OR_ABSOLUTE_PATH),
+    Setting("nginx_tls_key", str, None, "The private key of nginx_tls_certificate, on the control node.",
+            form=RELATIVE_OR_ABSOLUTE_PATH),
+    Setting("nginx_server_name", str, None,
+            "Name (or address) clients reach the edge at, which its certificate must cover; unset: the load "
+            "balancer's vllm_advertise_address, else ssh_hostname, else its host name.", form=ADDRESS),
+    Setting("nginx_client_rate", int, 10,
+            "Requests per second each client may send (nginx limit_req); above it: 429 with Retry-After. "
+            "A client's own `rate` in clients.toml overrides it.", minimum=1),
+    Setting("nginx_client_burst", int, 20,
+            "Requests a client may send at once above its rate before the 429s start (limit_req burst).",
+            minimum=0),
+    Setting("nginx_client_concurrency", int, 16,
+            "Requests each client may have in flight at once (nginx limit_conn); above it: 429. A client's own "
+            "`concurrency` in clients.toml overrides it.", minimum=1),
     Setting("nginx_read_timeout", int, 900,
             "Seconds nginx waits between two reads from an instance; above the longest generation.", minimum=1),
     Setting("nginx_drain_timeout", int, 300,
@@ -285,6 +304,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_task_routes", list, [],
             f"Routes the edge forwards besides {', '.join(EDGE_ROUTES)} and /health, for the served model's task "
             "(e.g. /v1/embeddings); every other path answers 404 at the edge.", item=str, form=TASK_ROUTE),
+    # --- host firewall (roles/firewall.py) ---------------------------------------------------------------
+    Setting("firewall_enabled", bool, True,
+            "Filter incoming traffic with nftables: SSH, the edge's ports on load balancers, instance ports from "
+            "the load balancers only; everything else dropped."),
+    Setting("firewall_allow_tcp", list, [],
+            "Further TCP ports this host accepts from anywhere (services of your own); the firewall drops the rest.",
+            item=int, minimum=1, maximum=65535),
+
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
