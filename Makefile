@@ -41,10 +41,15 @@ $(PROBE_VENV)/.installed: inventories/releases/$(RELEASE).lock | setup
 		--find-links "$$($(FLEET) release wheelhouse $(RELEASE) | tail -1)" torch numpy
 	touch $@
 
-unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
+# nft checks the firewall's rules in the tests, in network namespaces of their own.
+NFT := /usr/sbin/nft
+$(NFT):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables
+
+unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT)
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 
-test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
+test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT)
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
@@ -52,7 +57,7 @@ test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed
 	$(FLEET) release wheelhouse $(RELEASE)
 	$(FLEET) release wheelhouse $(NEXT_RELEASE)
 	# In this order: the end-to-end tests deploy the fleet that the capacity and rollout tests use.
-	$(PY) -m pytest -v -s -m lab tests/lab/test_lab_hosts.py tests/lab/test_lab_e2e.py tests/lab/test_lab_capacity.py tests/lab/test_lab_rollout.py
+	$(PY) -m pytest -v -s -m lab tests/lab/test_lab_hosts.py tests/lab/test_lab_e2e.py tests/lab/test_lab_edge.py tests/lab/test_lab_capacity.py tests/lab/test_lab_rollout.py
 
 lab-down: setup
 	$(FLEET) lab down

@@ -39,3 +39,16 @@ DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
 NGINX_CONF = "/etc/nginx/conf.d/vllm-fleet.conf"
 # Debian's and Ubuntu's packaged default site (a link to sites-available) also claims port 80.
 NGINX_DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+# Root-only: the client keys map and the instances' internal key (secrets.conf), the edge's TLS
+# key and the smoke test's client key. nginx's master process reads them as root.
+NGINX_PRIVATE_DIR = "/etc/nginx/vllm-fleet"
+NGINX_SECRETS_CONF = f"{NGINX_PRIVATE_DIR}/secrets.conf"
+EDGE_CERTIFICATE = f"{NGINX_PRIVATE_DIR}/edge.pem"
+EDGE_KEY = f"{NGINX_PRIVATE_DIR}/edge.key"
+SMOKE_KEY = f"{NGINX_PRIVATE_DIR}/smoke.key"
+
+# ---- hosts: firewall ----------------------------------------------------------------------------
+# The rules of the one nftables table vllm-fleet owns, and the unit that loads them at boot.
+FIREWALL_RULES = "/etc/vllm-fleet/firewall.nft"
+FIREWALL_UNIT = "vllm-fleet-firewall.service"
+FIREWALL_UNIT_FILE = f"/etc/systemd/system/{FIREWALL_UNIT}"

@@ -1,0 +1,172 @@
+"""The host firewall of one fleet host, planned from inventory data alone: which TCP ports are
+open to everyone, which only to the load balancers (and later a monitoring host), and SSH.
+
+``roles/firewall.py`` renders the plan into one nftables table (``inet vllm_fleet``) and loads it.
+The plan never needs a host; what it cannot express is refused here with a ``FleetConfigError``:
+
+- a peer (load balancer) address that is a name, not an IP: nft resolves a name once, when the
+  rules load, so a later change of address would silently lock that load balancer out;
+- a port open to everyone that is also an instance's port: it would let any client past the
+  load balancer (its keys, rate limits and TLS) straight to the instance.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from roles.errors import FleetConfigError
+from roles.plan import consistency, settings
+
+if TYPE_CHECKING:
+    from roles.plan.fleet import FleetPlan
+
+# The one table vllm-fleet owns in a host's ruleset; every other table is the operator's.
+TABLE = "inet vllm_fleet"
+DEFAULT_SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer host's connections come from: its advertised address, as the inventory gives
+    it (``vllm_advertise_address``, else ``ssh_hostname``, else its name)."""
+
+    host: str
+    address: str
+    source: str  # the setting the address comes from, for messages
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source address allowed to the instance ports, canonical (``ipaddress``' compressed form)."""
+
+    address: str
+    version: int  # 4 or 6
+    host: str
+    role: str  # "load balancer", "monitoring host"
+
+
+@dataclass(frozen=True)
+class FirewallPlan:
+    host: str
+    ssh_ports: tuple[int, ...]  # open to everyone, before anything that could drop
+    open_tcp: tuple[int, ...]  # open to everyone: the edge's ports on load balancers, firewall_allow_tcp
+    instance_ports: tuple[int, ...]  # open to ``sources`` only
+    sources: tuple[Source, ...] = ()
+
+    @property
+    def sources_v4(self) -> tuple[str, ...]:
+        return tuple(s.address for s in self.sources if s.version == 4)
+
+    @property
+    def sources_v6(self) -> tuple[str, ...]:
+        return tuple(s.address for s in self.sources if s.version == 6)
+
+    def with_ssh_ports(self, ports: Iterable[int]) -> FirewallPlan:
+        """The plan with more SSH ports kept open: those the host's sshd listens on, read from the
+        host at deploy time, so a port the inventory does not know never locks the operator out."""
+        ssh = {*self.ssh_ports, *ports}
+        return replace(self, ssh_ports=tuple(sorted(ssh)), open_tcp=tuple(p for p in self.open_tcp if p not in ssh))
+
+
+def peer_addresses(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[PeerAddress, ...]:
+    """The addresses of peer hosts (the load balancers: pass (name, data) of each host of the
+    ``lb`` group) that the instance hosts' firewalls let in. Nothing is refused here but a
+    malformed address: a name is refused by ``plan_firewall`` only where a firewall needs it."""
+    return tuple(PeerAddress(name, consistency.advertised_address(name, data), _address_source(data))
+                 for name, data in hosts)
+
+
+def _address_source(data: Mapping[str, Any]) -> str:
+    return next((key for key in ("vllm_advertise_address", "ssh_hostname") if data.get(key)), "the host name")
+
+
+def _port(host_name: str, setting: str, value: Any) -> int:
+    """A TCP port as the rules file takes it: the settings table checks vllm-fleet's own, this
+    checks them again where they reach a file root loads, and pyinfra's ``ssh_port`` (an int, or
+    digits as some inventories write it)."""
+    number = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+        hint = ": the one the host's sshd listens on (unset: 22)" if setting == "ssh_port" else ""
+        raise FleetConfigError(f"host {host_name}: `{setting}`", f"{value!r} is not a TCP port (1 to 65535).",
+                               f"set {setting} to a port number from 1 to 65535{hint}.")
+    return number
+
+
+def _source(host_name: str, peer: PeerAddress, role: str) -> Source:
+    """An IP literal of ``peer``, or a refusal saying why a name cannot be used."""
+    try:
+        ip = ipaddress.ip_address(peer.address)
+    except ValueError:
+        raise FleetConfigError(
+            f"host {peer.host}: `vllm_advertise_address`",
+            f"is {peer.address!r} (from {peer.source}), a name, not an IP address: the firewall of host {host_name} "
+            f"lets the {role} {peer.host} reach its instance ports by source address, and nft resolves a name only "
+            "once, when the rules load, so a later change of address would lock it out.",
+            f"set vllm_advertise_address to {peer.host}'s IP address (IPv4 or IPv6) on the {role} host {peer.host}: "
+            "the address its connections to the instances come from. Or set firewall_enabled: false on "
+            f"{host_name}.") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 connection reaches the inet table as IPv4
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise FleetConfigError(
+            f"host {peer.host}: `vllm_advertise_address`",
+            f"{peer.address!r} (from {peer.source}) is a scoped link-local address: nft matches addresses, "
+            "not zones.", f"set vllm_advertise_address to an address of {peer.host} without a %zone.")
+    return Source(address=ip.compressed, version=ip.version, host=peer.host, role=role)
+
+
+def _refuse_open_instance_ports(host_name: str, instance_ports: Iterable[int],
+                                opened: list[tuple[int, str]]) -> None:
+    for port, why in opened:
+        if port in instance_ports:
+            raise FleetConfigError(
+                f"host {host_name}: `{why}`",
+                f"opens port {port} to everyone, but an instance of this host listens on it: any client could "
+                "reach the instance past the load balancer (its client keys, rate limits and TLS).",
+                f"remove {port} from {why}, or move the instance to another port: instance ports are open to "
+                "the load balancers only.")
+
+
+def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, instance_ports: Iterable[int] = (),
+                  lb_addresses: Iterable[PeerAddress] = (),
+                  monitor_sources: Iterable[PeerAddress] = ()) -> FirewallPlan | None:
+    """The firewall of one host, or None when ``firewall_enabled`` is false (the role then takes
+    any vllm-fleet firewall off the host).
+
+    ``data``: the host's data; ``is_lb``: whether it is in the ``lb`` group (its edge ports are
+    open to everyone); ``instance_ports``: the ports of its instances, open only to
+    ``lb_addresses`` (``peer_addresses`` of the ``lb`` group) and ``monitor_sources`` (the same,
+    of monitoring hosts). Addresses are needed, and checked, only where there are instances."""
+    if not settings.value(data, "firewall_enabled"):
+        return None
+    ssh = _port(host_name, "ssh_port", DEFAULT_SSH_PORT if data.get("ssh_port") is None else data["ssh_port"])
+    opened: list[tuple[int, str]] = []
+    if is_lb:
+        opened += [(settings.value(data, name), name) for name in ("nginx_listen_port", "nginx_http_redirect_port")
+                   if settings.value(data, name) is not None]
+    opened += [(port, "firewall_allow_tcp") for port in settings.value(data, "firewall_allow_tcp")]
+    opened = [(_port(host_name, name, port), name) for port, name in opened]
+    ports = tuple(sorted({_port(host_name, "vllm_instances", port) for port in instance_ports}))
+    _refuse_open_instance_ports(host_name, ports, [(ssh, "ssh_port"), *opened])
+
+    sources: dict[str, Source] = {}
+    if ports:
+        peers = [(p, "load balancer") for p in lb_addresses] + [(p, "monitoring host") for p in monitor_sources]
+        for peer, role in peers:
+            source = _source(host_name, peer, role)
+            sources.setdefault(source.address, source)
+    return FirewallPlan(host=host_name, ssh_ports=(ssh,),
+                        open_tcp=tuple(sorted({port for port, _ in opened} - {ssh})),
+                        instance_ports=ports, sources=tuple(sources.values()))
+
+
+def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addresses: Iterable[PeerAddress],
+              monitor_sources: Iterable[PeerAddress] = ()) -> FirewallPlan | None:
+    """``plan_firewall`` for a host of a ``FleetPlan`` (``fleet``): its instances' ports, and
+    whether it is a load balancer, come from the plan."""
+    host_plan = fleet.host(host_name)
+    return plan_firewall(host_name, data, is_lb=host_name in fleet.lb_hosts,
+                         instance_ports=[i.port for i in host_plan.instances] if host_plan else (),
+                         lb_addresses=lb_addresses, monitor_sources=monitor_sources)
