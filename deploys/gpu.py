@@ -11,4 +11,4 @@ from roles import preflight, site
 from roles.plan.fleet import plan_inventory
 
 with preflight.refusals():
-    site.onboard(plan_inventory(inventory))
+    site.onboard(plan_inventory(inventory, with_edge=False))

@@ -4,7 +4,7 @@ Two hosts: lab1 runs two instances and the load balancer, lab2 runs one instance
 setting, its type and default: `vllm-fleet settings` (declared in roles/plan/settings.py).
 """
 
-from roles.lab.config import load_state
+from roles.lab.config import STATE_DIR, load_state
 from roles.preflight import plan_before_connecting
 
 # Settings of the whole lab fleet (kept here, not in group_data/, which every inventory in
@@ -46,7 +46,11 @@ vllm = [
                  "vllm_instances": _INSTANCES[i] if i < len(_INSTANCES) else _INSTANCES[-1]})
     for i, h in enumerate(_lab["hosts"])
 ]
-lb = [(_lab["hosts"][0]["name"], {"ssh_hostname": _lab["hosts"][0]["address"], **_ssh})]
+# The lab's secrets live with the lab, outside git: `vllm-fleet lab up` writes clients.toml (one
+# client, "lab"); the deploy generates the rest (the instances' internal key, the fleet CA and the
+# edge's certificate). A production inventory keeps them in a .gitignored folder (see prod.py).
+lb = [(_lab["hosts"][0]["name"], {"ssh_hostname": _lab["hosts"][0]["address"], **_ssh,
+                                  "nginx_secrets_dir": str(STATE_DIR / "secrets")})]
 
 # Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
 # here, before pyinfra connects to any host.

@@ -39,7 +39,20 @@ vllm = [
     ]}),
     ("gpu-02.internal", {**_FLEET, "vllm_instances": [{"name": "a", "port": 8001}]}),
 ]
-lb = [("lb-01.internal", {"ssh_user": "deploy", "_sudo": True})]
+lb = [("lb-01.internal", {
+    "ssh_user": "deploy", "_sudo": True,
+    # The LB's back-end IP: the address its connections to the instances come from, which the
+    # instance hosts' firewalls let in (an IP: nft would resolve a name only once, at load).
+    "vllm_advertise_address": "10.0.0.10",
+    # Client keys and what the deploy generates (the instances' internal key, the fleet CA): in a
+    # folder that .gitignore lists. Add a client: `vllm-fleet keys add inventories/secrets/prod NAME`.
+    "nginx_secrets_dir": "inventories/secrets/prod",
+    # Your own certificate for the name clients use; without these two the fleet's CA issues one.
+    # "nginx_tls_certificate": "inventories/secrets/prod/api.example.com.pem",
+    # "nginx_tls_key": "inventories/secrets/prod/api.example.com.key",
+    "nginx_server_name": "api.example.com",
+    "nginx_http_redirect_port": 80,
+})]
 
 # Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
 # here, before pyinfra connects to any host.

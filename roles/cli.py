@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roles.errors import FleetConfigError, LabError
 from roles.plan import settings
+from roles.plan.edge import Secret
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,14 +39,15 @@ def plan(args) -> int:
 
     from roles.plan.fleet import plan_inventory
     from roles.plan.report import render
+    from roles.preflight import capacity_only
 
     if not Path(args.inventory).is_file():
         raise FleetConfigError("`vllm-fleet plan INVENTORY`", f"{args.inventory} is not a file.",
                                "give a pyinfra inventory file, e.g. inventories/prod.py.")
     # pyinfra's inventory loader records the file it executes on the current state.
-    with ctx_state.use(State()):
+    with ctx_state.use(State()), capacity_only():
         inventory = make_inventory(args.inventory, cwd=os.getcwd())
-    print(render(plan_inventory(inventory)))
+    print(render(plan_inventory(inventory, with_edge=False)))
     return 0
 
 
@@ -98,6 +101,60 @@ def release(args) -> int:
     return 0
 
 
+# ---- client keys ----------------------------------------------------------------------------------
+
+def keys(args) -> int:
+    """The clients file of a secrets folder: add, rotate, remove and show client keys."""
+    from roles import secrets
+
+    if args.action == "new":
+        print(secrets.new_key())
+        return 0
+    directory = Path(args.dir)
+    if args.action == "list":
+        return list_keys(directory)
+    if args.action == "add":
+        key, client = secrets.add_client_key(directory, args.name)
+        print(key.reveal())
+        print(keys_add_hint(directory, client), file=sys.stderr)
+    elif args.action == "remove" and args.key_prefix is None:
+        left = secrets.remove_client(directory, args.name)
+        print(f"removed client {args.name}; deploy to shut it out at the edge" + (
+            "." if left else " (with no client left, the deploy refuses: add one first)."), file=sys.stderr)
+    elif args.action == "remove":
+        client = secrets.remove_client_key(directory, args.name, args.key_prefix)
+        print(f"removed the key; client {args.name} keeps {len(client.keys)}. Deploy to shut the old key out "
+              "at the edge.", file=sys.stderr)
+    else:
+        client = secrets.client(directory, secrets.load_clients(directory), args.name)
+        print(client.keys[-1].reveal())
+    return 0
+
+
+def keys_add_hint(directory: Path, client) -> str:
+    """What to do after `keys add`: deploy, and during a rotation, remove the old key."""
+    if len(client.keys) == 1:
+        return f"client {client.name}: new key above (stored in {directory}); deploy to make it valid at the edge."
+    from roles.secrets import MIN_KEY_PREFIX
+
+    old = client.keys[0].reveal()[:MIN_KEY_PREFIX]
+    return (f"client {client.name} now has {len(client.keys)} keys; deploy to make the new one valid at the edge; "
+            f"remove the old key with vllm-fleet keys remove {directory} {client.name} --key-prefix {old}")
+
+
+def list_keys(directory: Path) -> int:
+    """Each client, its limits, and how each of its keys starts (never a whole key)."""
+    from roles.plan.edge import LIMITS
+    from roles.secrets import load_clients
+
+    for client in load_clients(directory).values():
+        own = dict(client.limits)
+        limits = ", ".join(f"{limit} {own.get(limit, 'default')}" for limit in LIMITS)
+        starts = ", ".join(key.reveal()[:6] + "…" for key in client.keys)
+        print(f"{client.name}: {len(client.keys)} key{'s' if len(client.keys) > 1 else ''} ({starts}); {limits}")
+    return 0
+
+
 # ---- the lab --------------------------------------------------------------------------------------
 
 def lab(args) -> int:
@@ -108,6 +165,7 @@ def lab(args) -> int:
                                "give 1 or more (the lab inventory puts the load balancer on the first).")
     if args.action == "up":
         control.up(args.hosts)
+        ensure_lab_client()
     elif args.action == "down":
         control.down(args.keep_base)
     elif args.action == "model":
@@ -119,26 +177,81 @@ def lab(args) -> int:
     return 0
 
 
-def lab_endpoint() -> tuple[str, str]:
-    """The lab load balancer's base URL, and the model it serves (asked of the fleet itself)."""
-    import requests
+LAB_CLIENT = "lab"
 
+
+def lab_secrets() -> Path:
+    from roles.lab.config import STATE_DIR
+
+    # inventories/lab.py names this folder as the load balancer's nginx_secrets_dir.
+    return STATE_DIR / "secrets"
+
+
+def ensure_lab_client() -> None:
+    """The lab's one client, with a key of its own (kept across `lab up`s; a new lab, a new key)."""
+    from roles import secrets
+
+    if LAB_CLIENT not in secrets.load_clients(lab_secrets(), missing_ok=True):
+        secrets.add_client_key(lab_secrets(), LAB_CLIENT)
+
+
+@dataclass(frozen=True)
+class LabEdge:
+    """How a client reaches the lab fleet: the edge's URL, the CA its certificate is checked
+    against, the lab client's key, and the model it serves."""
+
+    base_url: str
+    ca_file: Path
+    api_key: Secret = field(repr=False)
+    model: str = ""
+
+    def session(self, api_key: str | None = None):
+        """A requests session that checks the edge's certificate and sends ``api_key`` (default: the lab's)."""
+        import requests
+
+        session = requests.Session()
+        # Not from the environment: requests lets REQUESTS_CA_BUNDLE win over `verify`, and the
+        # lab's hosts are reached directly, never through a proxy.
+        session.trust_env = False
+        session.verify = str(self.ca_file)
+        key = self.api_key.reveal() if api_key is None else api_key
+        if key:
+            session.headers["Authorization"] = f"Bearer {key}"
+        return session
+
+
+def lab_endpoint() -> LabEdge:
+    """The lab load balancer, and the model it serves (asked of the fleet itself)."""
+    from roles import secrets
     from roles.lab.config import load_state
 
     state = load_state()
     # inventories/lab.py puts the load balancer on the first lab host, on the default port.
-    base_url = f"http://{state['hosts'][0]['address']}:{settings.BY_NAME['nginx_listen_port'].default}/v1"
-    models = requests.get(f"{base_url}/models", timeout=10).json()
-    return base_url, models["data"][0]["id"]
+    port = settings.BY_NAME["nginx_listen_port"].default
+    edge = LabEdge(f"https://{state['hosts'][0]['address']}{'' if port == 443 else f':{port}'}/v1",
+                   secrets.ca_certificate(lab_secrets()), secrets.client(
+                       lab_secrets(), secrets.load_clients(lab_secrets()), LAB_CLIENT).keys[-1])
+    models = edge.session().get(f"{edge.base_url}/models", timeout=10).json()
+    return replace(edge, model=models["data"][0]["id"])
 
 
-def stream_chat(base_url: str, model: str, prompt: str = "Say hello to the fleet.") -> tuple[int, float, str]:
+def openai_client(edge: LabEdge, api_key: str | None = None):
+    """The OpenAI SDK as a user of the fleet sets it up: the edge's CA, a client key."""
+    import ssl
+
+    from openai import DefaultHttpxClient, OpenAI
+
+    verify = ssl.create_default_context(cafile=str(edge.ca_file))
+    return OpenAI(base_url=edge.base_url, api_key=edge.api_key.reveal() if api_key is None else api_key,
+                  max_retries=0, timeout=60, http_client=DefaultHttpxClient(verify=verify, trust_env=False))
+
+
+def stream_chat(edge: LabEdge, prompt: str = "Say hello to the fleet.",
+                api_key: str | None = None) -> tuple[int, float, str]:
     """One streamed chat completion with the OpenAI SDK: (chunks received, seconds, text)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=base_url, api_key="unused-in-the-lab", max_retries=0, timeout=60)
+    client = openai_client(edge, api_key)
     start, chunks, text = time.monotonic(), 0, []
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+    stream = client.chat.completions.create(model=edge.model, messages=[{"role": "user", "content": prompt}],
                                             max_tokens=24, stream=True)
     for chunk in stream:
         chunks += 1
@@ -148,24 +261,32 @@ def stream_chat(base_url: str, model: str, prompt: str = "Say hello to the fleet
 
 
 def howto(args) -> int:
-    base_url, model = lab_endpoint()
+    edge = lab_endpoint()
+    base_url, model, ca = edge.base_url, edge.model, edge.ca_file
     print(f"""
-The lab fleet answers at {base_url} (nginx on lab1 in front of every vLLM instance).
-The model is a tiny random-weight Llama, so its words are noise; the plumbing is real.
+The lab fleet answers at {base_url} (nginx on lab1 in front of every vLLM instance), over TLS
+with a certificate of the lab fleet's own CA, to clients with a key. The model is a tiny
+random-weight Llama, so its words are noise; the plumbing is real.
 
-  curl -s {base_url}/models
-  curl -s {base_url}/completions -H 'Content-Type: application/json' \\
-       -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  curl -sN {base_url}/chat/completions -H 'Content-Type: application/json' \\
+  export OPENAI_API_KEY=$(vllm-fleet keys show {lab_secrets()} {LAB_CLIENT})
+  curl -s --cacert {ca} {base_url}/models -H "Authorization: Bearer $OPENAI_API_KEY"
+  curl -s --cacert {ca} {base_url}/completions -H "Authorization: Bearer $OPENAI_API_KEY" \
+       -H 'Content-Type: application/json' -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
+  curl -sN --cacert {ca} {base_url}/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \
+       -H 'Content-Type: application/json' \
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'
 
-  from openai import OpenAI
-  client = OpenAI(base_url="{base_url}", api_key="unused")
+  import os, ssl
+  from openai import DefaultHttpxClient, OpenAI
+  client = OpenAI(base_url="{base_url}", api_key=os.environ["OPENAI_API_KEY"],
+                  http_client=DefaultHttpxClient(verify=ssl.create_default_context(cafile="{ca}")))
   for chunk in client.chat.completions.create(model="{model}", stream=True,
                                               messages=[{{"role": "user", "content": "Hi"}}]):
       print(chunk.choices[0].delta.content or "", end="")
+
+More clients: `vllm-fleet keys add {lab_secrets()} NAME`, then deploy again (`make lab`).
 """)
-    chunks, seconds, text = stream_chat(base_url, model)
+    chunks, seconds, text = stream_chat(edge)
     print(f"OpenAI SDK, streamed through the load balancer: {chunks} chunks in {seconds:.2f}s: {text!r}")
     return 0 if chunks > 1 else 1
 
@@ -198,6 +319,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="release name, the stem of a manifest in --releases-dir")
     p.add_argument("--releases-dir", type=Path, default=RELEASES_DIR, help="folder of release manifests")
     p.set_defaults(run=release)
+
+    p = commands.add_parser("keys", help="client keys in a secrets folder (nginx_secrets_dir): add, rotate, remove")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    actions.add_parser("new", help="print a fresh key (stored nowhere)")
+    a = actions.add_parser("add", help="add a key to client NAME (a new client, or a second key to rotate to); "
+                                       "prints it once")
+    a.add_argument("dir", help="the secrets folder, e.g. inventories/secrets/prod (made 0700 if missing)")
+    a.add_argument("name", help="the client's name: lower-case letters, digits and ._-")
+    a = actions.add_parser("remove", help="remove client NAME, or only its key starting with --key-prefix")
+    a.add_argument("dir", help="the secrets folder")
+    a.add_argument("name", help="the client's name")
+    a.add_argument("--key-prefix", help="the first 8 or more characters of the one key to remove")
+    a = actions.add_parser("show", help="print client NAME's newest key: export OPENAI_API_KEY=$(vllm-fleet keys "
+                                        "show DIR NAME)")
+    a.add_argument("dir", help="the secrets folder")
+    a.add_argument("name", help="the client's name")
+    a = actions.add_parser("list", help="the clients, their limits and how each key starts")
+    a.add_argument("dir", help="the secrets folder")
+    p.set_defaults(run=keys)
 
     p = commands.add_parser("lab", help="the local systemd-nspawn lab (root)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)

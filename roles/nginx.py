@@ -1,39 +1,97 @@
-"""The nginx role: one least-connections upstream of every instance in the fleet, streaming-safe.
+"""The nginx role: the fleet's edge. TLS, client keys, per-client limits and a route allowlist in
+front of one least-connections upstream of every instance, streaming-safe.
 
 The configuration is checked with ``nginx -t`` before any reload, so a bad render never
-reaches the running load balancer.
+reaches the running load balancer. A reload is graceful: a key added or removed takes effect
+without restarting an instance or dropping a request in flight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from io import StringIO
 
 import jinja2
+from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from roles import paths
-from roles.plan import settings
+from roles import paths, secrets
+from roles.plan import edge, settings
+from roles.plan.edge import Client, EdgePlan
 from roles.plan.fleet import FleetPlan
 from roles.platform import install_packages
+from roles.private_files import private_file
 
 # Rendered on every host's prepare and twice per rolling-update slot: loaded once.
 _TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(paths.TEMPLATES), keep_trailing_newline=True, trim_blocks=True,
                                undefined=jinja2.StrictUndefined).get_template("nginx-vllm-fleet.conf.j2")
+# The client name the deploy's own smoke test is logged as.
+SMOKE_CLIENT = "vllm-fleet-smoke"
 
 
-def render_conf(plan: FleetPlan, data, down: frozenset[str] | set[str] = frozenset()) -> str:
-    """The load balancer's configuration: every instance of the fleet, those in ``down``
+@dataclass(frozen=True)
+class LimitClass:
+    """Clients that share one limit, so share one nginx zone (each counted under its own name)."""
+
+    clients: tuple[str, ...]
+    rate: int = 0
+    burst: int = 0
+    concurrency: int = 0
+
+
+def edge_clients(plan: EdgePlan, data) -> list[Client]:
+    """The operator's clients, and the smoke test's (with the default limits)."""
+    smoke = Client(SMOKE_CLIENT, (secrets.fleet_key(plan.secrets_dir, "smoke"),),
+                   rate=settings.value(data, "nginx_client_rate"), burst=settings.value(data, "nginx_client_burst"),
+                   concurrency=settings.value(data, "nginx_client_concurrency"))
+    return [*plan.clients, smoke]
+
+
+def limit_classes(clients: list[Client]) -> tuple[list[LimitClass], list[LimitClass]]:
+    """Rate classes (rate, burst) and concurrency classes, in a stable order."""
+    rates: dict[tuple[int, int], list[str]] = {}
+    conns: dict[int, list[str]] = {}
+    for client in clients:
+        rates.setdefault((client.rate, client.burst), []).append(client.name)
+        conns.setdefault(client.concurrency, []).append(client.name)
+    return ([LimitClass(tuple(names), rate=rate, burst=burst) for (rate, burst), names in sorted(rates.items())],
+            [LimitClass(tuple(names), concurrency=n) for n, names in sorted(conns.items())])
+
+
+def render_secrets(plan: EdgePlan, data) -> str:
+    """The root-only part of the configuration: each key to its client's name, and the key nginx
+    sends to the instances. Keys passed the plan's form (letters, digits and ._~+/=-): no quoting
+    is needed, and none could end the string."""
+    lines = ["# Managed by vllm-fleet. Client keys and the instances' internal key: root-only.",
+             "map $http_authorization $vllm_fleet_client {", '    default "";']
+    lines += [f'    "Bearer {key.reveal()}" {client.name};' for client in edge_clients(plan, data) for key in client.keys]
+    internal = secrets.fleet_key(plan.secrets_dir, "internal").reveal()
+    lines += ["}", "map $http_authorization $vllm_fleet_upstream_authorization {",
+              f'    default "Bearer {internal}";', "}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_conf(plan: FleetPlan, lb_name: str, data, down: frozenset[str] | set[str] = frozenset()) -> str:
+    """Load balancer ``lb_name``'s configuration: every instance of the fleet, those in ``down``
     (ADDRESS:PORT) marked down while they restart."""
-    return _TEMPLATE.render(down=down, **template_vars(plan, data))
+    return _TEMPLATE.render(down=down, **template_vars(plan, lb_name, data))
 
 
-def template_vars(plan: FleetPlan, data) -> dict:
-    """What the nginx template renders from: the fleet's upstreams and this host's nginx settings."""
+def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
+    """What the nginx template renders from: the fleet's upstreams and clients, and this host's nginx settings."""
+    rate_classes, concurrency_classes = limit_classes(edge_clients(plan.edge(lb_name), data))
     return {
         "upstreams": plan.upstreams,
+        "secrets_conf": paths.NGINX_SECRETS_CONF,
+        "certificate": paths.EDGE_CERTIFICATE,
+        "certificate_key": paths.EDGE_KEY,
+        "rate_classes": rate_classes,
+        "concurrency_classes": concurrency_classes,
+        "server_name": edge.server_name(lb_name, data),
         "listen_port": settings.value(data, "nginx_listen_port"),
+        "http_redirect_port": settings.value(data, "nginx_http_redirect_port"),
         "read_timeout": settings.value(data, "nginx_read_timeout"),
         "max_fails": settings.value(data, "nginx_max_fails"),
         "fail_timeout": settings.value(data, "nginx_fail_timeout"),
@@ -44,12 +102,34 @@ def template_vars(plan: FleetPlan, data) -> dict:
     }
 
 
+def tls_material(plan: EdgePlan, lb_name: str, data) -> tuple[str, str]:
+    """This load balancer's certificate chain and key (PEM): the operator's, or one the fleet's
+    own CA issues for the names clients reach it at."""
+    if plan.certificate is not None:
+        return plan.certificate.read_text(), secrets.read_secret_file(plan.key).reveal()
+    names = list(dict.fromkeys([edge.server_name(lb_name, data), data.get("ssh_hostname") or lb_name, lb_name]))
+    chain, key = secrets.edge_certificate(plan.secrets_dir, lb_name, names)
+    return chain.decode(), key.reveal()
+
+
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
     install_packages("Install nginx", ["nginx"])
     default_site = files.link(name="Remove the packaged default site", path=paths.NGINX_DEFAULT_SITE, present=False)
-    conf = files.put(name="Render the fleet upstream", src=StringIO(render_conf(plan, data)), dest=paths.NGINX_CONF)
-    changed = any_changed(conf, default_site)
-    server.shell(name="Check the nginx configuration", commands=["nginx -t"], _if=changed)
+    private_dir = files.directory(name=f"Directory {paths.NGINX_PRIVATE_DIR} (root-only)",
+                                  path=paths.NGINX_PRIVATE_DIR, user="root", group="root", mode="700")
+    edge_plan = plan.edge(host.name)
+    chain, key = tls_material(edge_plan, host.name, data)
+    certificate = files.put(name="Install the edge's certificate", src=StringIO(chain), dest=paths.EDGE_CERTIFICATE,
+                            mode="644")
+    tls_key = private_file(name="Install the edge's TLS key", path=paths.EDGE_KEY, content=key)
+    keys = private_file(name="Install the client keys and the instances' internal key",
+                        path=paths.NGINX_SECRETS_CONF, content=render_secrets(edge_plan, data))
+    private_file(name="Install the smoke test's client key", path=paths.SMOKE_KEY,
+                 content=secrets.fleet_key(edge_plan.secrets_dir, "smoke").reveal() + "\n")
+    conf = files.put(name="Render the fleet's edge", src=StringIO(render_conf(plan, host.name, data)),
+                     dest=paths.NGINX_CONF)
+    changed = any_changed(conf, default_site, private_dir, certificate, tls_key, keys)
+    server.shell(name="Check the nginx configuration", commands=["nginx -t -q"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)
     systemd.service(name="Reload nginx on its new configuration", service="nginx", reloaded=True, _if=changed)

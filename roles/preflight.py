@@ -13,6 +13,7 @@ The deploy files plan again, from pyinfra's inventory, inside ``refusals()``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Mapping
 
 from pyinfra.api import Inventory
@@ -20,6 +21,21 @@ from pyinfra.api.exceptions import PyinfraError
 
 from roles.errors import FleetConfigError
 from roles.plan.fleet import plan_inventory
+
+
+# Set while `vllm-fleet plan` loads an inventory: it plans capacity, so a fleet whose client keys
+# are not written yet can still be planned. Every deploy reads and checks the edge's secrets.
+_CAPACITY_ONLY: ContextVar[bool] = ContextVar("capacity_only", default=False)
+
+
+@contextmanager
+def capacity_only():
+    """Around loading an inventory for `vllm-fleet plan`: its plan leaves out the edge's secrets."""
+    token = _CAPACITY_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CAPACITY_ONLY.reset(token)
 
 
 class FleetRefusal(FleetConfigError, PyinfraError):
@@ -57,4 +73,4 @@ def plan_before_connecting(namespace: Mapping[str, Any]) -> None:
     groups = _groups(namespace)
     names = list(dict.fromkeys(h if isinstance(h, str) else h[0] for hosts, _ in groups.values() for h in hosts))
     with refusals():
-        plan_inventory(Inventory((names, {}), **groups))
+        plan_inventory(Inventory((names, {}), **groups), with_edge=not _CAPACITY_ONLY.get())

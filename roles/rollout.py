@@ -38,6 +38,7 @@ from roles import gates, nginx, paths
 from roles.facts import InstanceReleases
 from roles.plan import settings
 from roles.plan.fleet import FleetPlan, HostPlan, endpoint
+from roles.private_files import upload_commands
 
 REPORT_PATH = Path(".cache/rollout-report.json")
 
@@ -103,7 +104,12 @@ class Rollout:
 
     def halted(self) -> str | None:
         """Why the rollout stopped, or None while it goes on."""
-        reasons = [f"flags refused on {name}: {reason}" for name, reason in self.refusals.items()]
+        # An instance restarts only once every load balancer has taken it out: one that failed
+        # in this run (a configuration nginx refused) would still send it requests.
+        failed = {h.name for h in state.failed_hosts}
+        reasons = [f"load balancer {name} failed in this run, so no instance can be taken out of its nginx"
+                   for name in self.plan.lb_hosts if name in failed]
+        reasons += [f"flags refused on {name}: {reason}" for name, reason in self.refusals.items()]
         reasons += [f"{m} {o['outcome']}: {o['detail']}" for m, o in self.outcomes.items() if o["outcome"] != "switched"]
         return reasons[0] if reasons else None
 
@@ -246,9 +252,10 @@ def switch(rollout: Rollout, index: int, host_plan: HostPlan | None, env_texts: 
         return
     for member in rollout.mine(index):
         host.log_styled(f"vllm@{member.name}: restarting ({rollout.pending[member]})", fg="blue")
-        yield FileUploadCommand(StringIO(env_texts[member.name]), f"{env_dir}/{member.name}.env.next")
+        yield from upload_commands(env_texts[member.name], f"{env_dir}/{member.name}.env.next")
         command = shlex.join([
-            "python3", probe, "switch", "--name", member.name, "--port", str(member.port),
+            "python3", probe, "switch", "--name", member.name, "--address", host_plan.listen_address,
+            "--port", str(member.port),
             "--model", host_plan.model.served_name, "--env-dir", env_dir,
             "--link", f"{host_plan.get('vllm_install_dir')}/instances/{member.name}", "--target", host_plan.venv_dir,
             "--timeout", str(host_plan.get("vllm_start_timeout"))])
@@ -320,7 +327,7 @@ def rolling_update(rollout: Rollout, env_texts: dict[str, str], data, env_dir: s
     host_plan = rollout.plan.host(host.name)
 
     def render_conf(down):
-        return nginx.render_conf(rollout.plan, data, down)
+        return nginx.render_conf(rollout.plan, host.name, data, down)
 
     for index in range(rollout.slots):
         slot = f"slot {index + 1}/{rollout.slots}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from roles import nginx, nvidia, paths, rollout, smoke, vllm
+from roles import firewall, nginx, nvidia, paths, rollout, secrets, smoke, vllm
 from roles.plan.fleet import FleetPlan, HostPlan
 
 
@@ -37,7 +37,7 @@ def onboard(plan: FleetPlan):
 
 @deploy("vLLM fleet")
 def serve(plan: FleetPlan):
-    """Onboarding and new instances where the host has some, nginx where it is a load balancer,
+    """Onboarding where the host has instances, the host firewall, new instances, nginx where it is a load balancer,
     then the rolling update of changed instances across the fleet, instances no longer listed
     stopped once nginx has forgotten them, the smoke test and the fleet's release report."""
     host_plan = plan.host(host.name)
@@ -47,7 +47,11 @@ def serve(plan: FleetPlan):
         _warn_tight_fits(host_plan)
         if _onboard(host_plan) is None:
             return
-        env_texts = vllm.vllm_host(host_plan, run)
+    # After the onboarding gates, which stop a host that cannot serve (no GPU: maybe not the host
+    # meant) before any change; before anything on the host listens.
+    firewall.host_firewall(plan.firewall(host.name))
+    if host_plan is not None:
+        env_texts = vllm.vllm_host(host_plan, run, secrets.fleet_key(plan.secrets_dir, "internal").reveal())
     if host.name in plan.lb_hosts:
         nginx.load_balancer(plan, host.data.dict())
     rollout.rolling_update(run, env_texts, host.data.dict(), env_dir=paths.ENV_DIR, probe=paths.FLEET_PROBE_PATH)

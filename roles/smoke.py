@@ -14,8 +14,8 @@ from pyinfra import host, state
 from pyinfra.api import StringCommand, operation
 from pyinfra.facts.server import Command
 
-from roles.paths import ENV_DIR, FLEET_PROBE_PATH
-from roles.plan import settings
+from roles.paths import EDGE_CERTIFICATE, ENV_DIR, FLEET_PROBE_PATH, SMOKE_KEY
+from roles.plan import edge, settings
 from roles.plan.fleet import FleetPlan
 
 
@@ -24,12 +24,18 @@ def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | 
     base = ["python3", FLEET_PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
     args = list(base)
     mine = plan.host(host_name)
+    if mine and mine.instances:
+        args += ["--address", mine.listen_address]
     for inst in mine.instances if mine else ():
         args += ["--instance", f"{inst.name}:{inst.port}"]
     if mine and mine.instances:
         args += ["--wait-healthy", str(mine.get("vllm_start_timeout"))]
     if host_name in plan.lb_hosts:
-        args += ["--lb-port", str(settings.value(data, "nginx_listen_port")), "--model", plan.served_model_name]
+        # Through the edge as a client: TLS checked against the certificate nginx serves, as the
+        # name clients use, with the smoke test's own client key.
+        args += ["--lb-port", str(settings.value(data, "nginx_listen_port")), "--lb-name",
+                 edge.server_name(host_name, data), "--lb-ca", EDGE_CERTIFICATE, "--lb-key-file", SMOKE_KEY,
+                 "--model", plan.served_model_name]
     if args == base:
         return None
     return shlex.join(args + (["--report"] if report else []))

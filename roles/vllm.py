@@ -22,6 +22,7 @@ from roles import paths, platform
 from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
 from roles.plan import engine, fleet
 from roles.plan.fleet import HostPlan, Model
+from roles.private_files import upload_commands
 from roles.release.host import dirs_to_remove, host_install_command
 from roles.release.lock import Lock
 from roles.release.wheelhouse import build_wheelhouse
@@ -142,7 +143,7 @@ def prune(parent: str, marker: str, keep: int, protected):
 
 @operation()
 def first_start(rollout: Rollout, member: Member, env_text: str, link: str, target: str, target_release: str,
-                timeout: int):
+                address: str, timeout: int):
     """Start an instance the host does not have yet (no environment file): it is not in nginx's
     upstream yet, so it needs no draining. Existing instances restart in the rolling update."""
     env_path = f"{paths.ENV_DIR}/{member.name}.env"
@@ -152,19 +153,19 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
     if host.name in rollout.refusals:
         host.noop(f"vllm@{member.name} is not started: its flags were refused")
         return
-    yield FileUploadCommand(StringIO(env_text), env_path)
-    yield StringCommand(f"chmod 600 {shlex.quote(env_path)}")
+    yield from upload_commands(env_text, env_path)
     yield switch_link(link, target)
     yield StringCommand(shlex.join(["systemctl", "enable", "--now", f"vllm@{member.name}"]))
     yield StringCommand(shlex.join(["python3", paths.FLEET_PROBE_PATH, "wait", "--unit", f"vllm@{member.name}",
-                                    "--port", str(member.port), "--timeout", str(timeout)]))
+                                    "--address", address, "--port", str(member.port), "--timeout", str(timeout)]))
     rollout.runs(member, target, target_release)
 
 
 @deploy("vLLM host")
-def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
+def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str) -> dict[str, str]:
     """The model, the units, the restart decisions and the instances that are new, up to each
-    answering /health. Returns each instance's environment file, for the rolling update."""
+    answering /health. ``api_key``: the fleet's internal key, which every instance requires.
+    Returns each instance's environment file, for the rolling update."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     model = staged_model(name=f"Model {plan.model.served_name}", model=plan.model, dest=plan.model_dir,
                          venv_dir=plan.venv_dir, user=user, hf_home=f"{data_dir}/hf")
@@ -178,11 +179,12 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
     unit = files.template(name="Render the vllm@.service template unit",
                           src=str(paths.TEMPLATES / "vllm@.service.j2"), dest=paths.UNIT_FILE,
                           service_user=user, env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances",
-                          data_dir=data_dir, stop_timeout=plan.get("vllm_stop_timeout"))
+                          data_dir=data_dir, stop_timeout=plan.get("vllm_stop_timeout"),
+                          accelerator=plan.accelerator)
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
     where = placements(plan)
-    env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name])) for i in plan.instances}
+    env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name], api_key)) for i in plan.instances}
     decide(name="Decide which instances restart (flags checked by the new release)", rollout=rollout,
            env_texts=env_texts, engine_args={i.name: engine.render_args(plan, i) for i in plan.instances},
            env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
@@ -194,7 +196,8 @@ def vllm_host(plan: HostPlan, rollout: Rollout) -> dict[str, str]:
         first_start(name=f"Start vllm@{member.name} if new (waits for /health, up to {plan.get('vllm_start_timeout')}s)",
                     rollout=rollout, member=member, env_text=env_texts[member.name],
                     link=f"{install_dir}/instances/{member.name}", target=plan.venv_dir,
-                    target_release=plan.release.name, timeout=plan.get("vllm_start_timeout"))
+                    target_release=plan.release.name, address=plan.listen_address,
+                    timeout=plan.get("vllm_start_timeout"))
         systemd.service(name=f"Enable vllm@{member.name} at boot", service=f"vllm@{member.name}", running=None,
                         enabled=True)
     return env_texts

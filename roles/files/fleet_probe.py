@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Health waits and smoke tests, run ON a fleet host (stdlib only: hosts have no extra packages).
 
-    fleet_probe.py wait   --unit vllm@a --port 8001 --timeout 900
-    fleet_probe.py smoke  --instance a:8001 ... [--lb-port 80 --model NAME] --env-dir DIR [--report]
-    fleet_probe.py switch --name a --port 8001 --model NAME --link L --target VENV --timeout 900 --env-dir DIR
+    fleet_probe.py wait   --unit vllm@a --address 10.0.0.5 --port 8001 --timeout 900
+    fleet_probe.py smoke  --address 10.0.0.5 --instance a:8001 ... --env-dir DIR [--report]
+                          [--lb-port 443 --lb-name NAME --lb-ca FILE --lb-key-file FILE --model NAME]
+    fleet_probe.py switch --name a --address 10.0.0.5 --port 8001 --model NAME --link L --target VENV
+                          --timeout 900 --env-dir DIR
     fleet_probe.py reload-and-drain --upstream 10.0.0.5:8001 ... --timeout 120
 
 ``wait`` prints progress while an instance loads and, on failure, the unit's last journal
@@ -13,7 +15,9 @@ non-zero when a check failed, after printing the failures and the journals of fa
 it (health and a completion); when that fails it puts the previous environment and release
 back and proves those. Its last line is ``RESULT {json}``. ``reload-and-drain`` reloads nginx
 and waits until its old workers have finished every request to the given upstreams.
-Requests go to this host's own loopback only.
+Requests go to this host's own instances at the address they listen on (with their key, read
+from their root-only environment file) and to its own edge on loopback, over TLS, with the
+smoke test's client key. No key is ever on a command line.
 """
 
 from __future__ import annotations
@@ -23,29 +27,60 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 
 JOURNAL_LINES = 40
 PROMPT = "The capital of France is"
 
 
-def http(method: str, port: int, path: str, body: dict | None = None, timeout: float = 30.0,
+class _LoopbackHTTPS(HTTPSConnection):
+    """TLS to this host's own nginx, verified as the name clients reach it at (its certificate
+    need not name the loopback address)."""
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a request goes: a local instance (plain HTTP at ``address``) or this host's edge
+    (HTTPS on loopback, verified as ``tls_name`` against ``ca``, or the system's CAs)."""
+
+    port: int
+    address: str = "127.0.0.1"
+    tls_name: str | None = None
+    ca: str | None = None
+
+    def connection(self, timeout: float) -> HTTPConnection:
+        if self.tls_name is None:
+            return HTTPConnection(self.address, self.port, timeout=timeout)
+        context = ssl.create_default_context(cafile=self.ca)
+        # ``ca`` may be the edge's own certificate chain: trusting its leaf proves that nginx serves
+        # the certificate the deploy installed, valid and for the name clients use.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return _LoopbackHTTPS(self.tls_name, self.port, timeout=timeout, context=context)
+
+
+def http(method: str, endpoint: Endpoint, path: str, body: dict | None = None, timeout: float = 30.0,
          api_key: str | None = None) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
-    req.add_header("Content-Type", "application/json")
+    headers = {"Content-Type": "application/json"}
     if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
+        headers["Authorization"] = f"Bearer {api_key}"
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (OSError, urllib.error.URLError) as e:
+        conn = endpoint.connection(timeout)
+        try:
+            conn.request(method, path, json.dumps(body).encode() if body is not None else None, headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+    except (OSError, HTTPException) as e:
         return 0, str(e).encode()
 
 
@@ -72,17 +107,17 @@ def journal(unit: str, since: str | None = None) -> str:
     return f"{head}\n...\n" + "\n".join(lines[-JOURNAL_LINES:])
 
 
-def wait(unit: str, port: int, timeout: float, interval: float = 1.0) -> int:
+def wait(unit: str, instance: Endpoint, timeout: float, interval: float = 1.0) -> int:
     # The deploy started the unit just before this wait: its first lines are a few seconds older.
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 10))
     start = time.monotonic()
     last_note = start
     _, restarts_before = unit_state(unit)
     while True:
-        status, _ = http("GET", port, "/health", timeout=5)
+        status, _ = http("GET", instance, "/health", timeout=5)
         elapsed = time.monotonic() - start
         if status == 200:
-            print(f"{unit}: healthy on port {port} after {elapsed:.0f}s")
+            print(f"{unit}: healthy on port {instance.port} after {elapsed:.0f}s")
             return 0
         state, restarts = unit_state(unit)
         if state == "failed" or restarts > restarts_before:
@@ -91,7 +126,7 @@ def wait(unit: str, port: int, timeout: float, interval: float = 1.0) -> int:
                   f" time(s)). Journal:\n{journal(unit, since)}", file=sys.stderr)
             return 1
         if elapsed > timeout:
-            print(f"{unit}: no healthy /health on port {port} within {timeout:.0f}s (unit {state}). "
+            print(f"{unit}: no healthy /health on port {instance.port} within {timeout:.0f}s (unit {state}). "
                   f"Journal:\n{journal(unit, since)}", file=sys.stderr)
             return 1
         if time.monotonic() - last_note >= 15:
@@ -124,25 +159,25 @@ def read_api_key(env_dir: str, name: str) -> str | None:
         return None
 
 
-def check_instance(name: str, port: int, api_key: str | None) -> list[dict]:
+def check_instance(name: str, instance: Endpoint, api_key: str | None) -> list[dict]:
     results = []
-    status, _ = http("GET", port, "/health")
+    status, _ = http("GET", instance, "/health")
     results.append({"check": f"{name} /health", "ok": status == 200, "detail": f"HTTP {status}",
                     "unit": f"vllm@{name}"})
-    status, body = http("GET", port, "/v1/models", api_key=api_key)
+    status, body = http("GET", instance, "/v1/models", api_key=api_key)
     ok = status == 200 and bool(json.loads(body or b"{}").get("data")) if status == 200 else False
     results.append({"check": f"{name} /v1/models", "ok": ok, "detail": f"HTTP {status}", "unit": f"vllm@{name}"})
     return results
 
 
-def check_lb(port: int, model: str, api_key: str | None) -> list[dict]:
+def check_lb(edge: Endpoint, model: str, api_key: str | None) -> list[dict]:
     results = []
-    status, body = http("POST", port, "/v1/completions",
+    status, body = http("POST", edge, "/v1/completions",
                         {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, api_key=api_key)
     text = json.loads(body)["choices"][0]["text"] if status == 200 else body[:200].decode(errors="replace")
     results.append({"check": "load balancer /v1/completions", "ok": status == 200,
                     "detail": f"HTTP {status}: {text!r}"})
-    status, body = http("POST", port, "/v1/chat/completions",
+    status, body = http("POST", edge, "/v1/chat/completions",
                         {"model": model, "messages": [{"role": "user", "content": "Hello"}],
                          "max_tokens": 8, "stream": True}, api_key=api_key)
     chunks = [line for line in body.decode(errors="replace").splitlines() if line.startswith("data: ")]
@@ -152,35 +187,40 @@ def check_lb(port: int, model: str, api_key: str | None) -> list[dict]:
     return results
 
 
-def completion(port: int, model: str, api_key: str | None) -> dict:
+def completion(instance: Endpoint, model: str, api_key: str | None) -> dict:
     """One real generation on an instance: proves the engine serves, not only that it listens."""
-    status, body = http("POST", port, "/v1/completions",
+    status, body = http("POST", instance, "/v1/completions",
                         {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}, api_key=api_key)
-    return {"check": f"completion on port {port}", "ok": status == 200, "detail": f"HTTP {status}"}
+    return {"check": f"completion on port {instance.port}", "ok": status == 200, "detail": f"HTTP {status}"}
+
+
+def read_key_file(path: str) -> str:
+    with open(path) as fh:
+        return fh.read().strip()
 
 
 def run_checks(args: argparse.Namespace) -> list[dict]:
-    results, key = [], None
+    results = []
     for spec in args.instance:
         name, port = spec.rsplit(":", 1)
-        key = read_api_key(args.env_dir, name)
-        results += check_instance(name, int(port), key)
+        results += check_instance(name, Endpoint(int(port), args.address), read_api_key(args.env_dir, name))
     if args.lb_port:
-        results += check_lb(args.lb_port, args.model, key)
+        edge = Endpoint(args.lb_port, tls_name=args.lb_name, ca=args.lb_ca)
+        results += check_lb(edge, args.model, read_key_file(args.lb_key_file))
     return results
 
 
-def wait_healthy(ports: list[int], timeout: float) -> None:
-    """Wait until every port answers /health: instances this deploy did not start may still be
+def wait_healthy(instances: list[Endpoint], timeout: float) -> None:
+    """Wait until every instance answers /health: instances this deploy did not start may still be
     loading (the host just booted, or systemd restarted one)."""
     deadline = time.monotonic() + timeout
-    for port in ports:
-        while http("GET", port, "/health", timeout=5)[0] != 200 and time.monotonic() < deadline:
+    for instance in instances:
+        while http("GET", instance, "/health", timeout=5)[0] != 200 and time.monotonic() < deadline:
             time.sleep(1)
 
 
 def smoke(args: argparse.Namespace) -> int:
-    wait_healthy([int(spec.rsplit(":", 1)[1]) for spec in args.instance], args.wait_healthy)
+    wait_healthy([Endpoint(int(spec.rsplit(":", 1)[1]), args.address) for spec in args.instance], args.wait_healthy)
     # A reload hands connections to new nginx workers gradually: for a few seconds an old
     # worker may still answer with the previous configuration. Retry until the checks pass
     # or the settle time is over.
@@ -207,13 +247,14 @@ def _point(link: str, target: str) -> None:
     os.replace(link + ".new", link)
 
 
-def restart_and_prove(unit: str, name: str, port: int, model: str, env_dir: str, timeout: float) -> str | None:
+def restart_and_prove(unit: str, name: str, instance: Endpoint, model: str, env_dir: str,
+                      timeout: float) -> str | None:
     """Restart ``unit`` and prove it serves; None when it does, else what failed."""
     subprocess.run(["systemctl", "restart", unit], check=True)
-    if wait(unit, port, timeout) != 0:
+    if wait(unit, instance, timeout) != 0:
         return f"{unit} did not become healthy (see its journal above)"
     key = read_api_key(env_dir, name)
-    failed = [r for r in check_instance(name, port, key) + [completion(port, model, key)] if not r["ok"]]
+    failed = [r for r in check_instance(name, instance, key) + [completion(instance, model, key)] if not r["ok"]]
     if failed:
         print(f"{unit}: smoke request failed: {failed}\n{journal(unit)}", file=sys.stderr)
         return f"{unit} smoke request failed: " + "; ".join(f"{r['check']} {r['detail']}" for r in failed)
@@ -229,7 +270,8 @@ def switch(args: argparse.Namespace) -> int:
     os.replace(env, kept)
     os.replace(staged, env)
     _point(args.link, args.target)
-    failure = restart_and_prove(unit, args.name, args.port, args.model, args.env_dir, args.timeout)
+    instance = Endpoint(args.port, args.address)
+    failure = restart_and_prove(unit, args.name, instance, args.model, args.env_dir, args.timeout)
     if failure is None:
         os.remove(kept)
         outcome = {"outcome": "switched", "detail": f"{unit} serves from {args.target}"}
@@ -237,7 +279,7 @@ def switch(args: argparse.Namespace) -> int:
         print(f"{unit}: {failure}; putting back its previous release {previous_target}", file=sys.stderr, flush=True)
         os.replace(kept, env)
         _point(args.link, previous_target)
-        back = restart_and_prove(unit, args.name, args.port, args.model, args.env_dir, args.timeout)
+        back = restart_and_prove(unit, args.name, instance, args.model, args.env_dir, args.timeout)
         outcome = {"outcome": "reverted" if back is None else "broken",
                    "detail": failure if back is None else f"{failure}; and on its previous release: {back}"}
     outcome["seconds"] = round(time.monotonic() - started, 1)
@@ -315,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--port", type=int, required=True)
     w.add_argument("--timeout", type=float, required=True)
     s = sub.add_parser("smoke")
+    s.add_argument("--lb-name", help="the name the edge's certificate is checked against")
+    s.add_argument("--lb-ca", help="CA file the edge's certificate is checked against; unset: the system's")
+    s.add_argument("--lb-key-file", help="root-only file holding the client key the smoke test uses at the edge")
     s.add_argument("--instance", action="append", default=[], help="NAME:PORT of a local instance")
     s.add_argument("--lb-port", type=int)
     s.add_argument("--model")
@@ -330,12 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--target", required=True, help="release venv the link points to after the switch")
     sw.add_argument("--timeout", type=float, required=True)
     sw.add_argument("--env-dir", required=True, help="where the instance environment files are")
+    for instance_parser in (w, s, sw):
+        instance_parser.add_argument("--address", default="127.0.0.1", help="where this host's instances listen")
     d = sub.add_parser("reload-and-drain")
     d.add_argument("--upstream", action="append", required=True, help="ADDRESS:PORT taken out of nginx")
     d.add_argument("--timeout", type=float, required=True)
     args = parser.parse_args(argv)
     if args.command == "wait":
-        return wait(args.unit, args.port, args.timeout)
+        return wait(args.unit, Endpoint(args.port, args.address), args.timeout)
     if args.command == "switch":
         return switch(args)
     if args.command == "reload-and-drain":

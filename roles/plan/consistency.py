@@ -35,7 +35,7 @@ OWNED_FLAGS: dict[str, str] = {
     "--enable-chunked-prefill": "`vllm_enable_chunked_prefill`",
     "--enforce-eager": "`vllm_enforce_eager`",
     # Not rendered: the key goes through the root-only environment file, never the command line.
-    "--api-key": "`vllm_api_key`",
+    "--api-key": "the fleet's internal key",
 }
 # vLLM's short spellings of owned flags.
 SHORT_FLAGS = {"-tp": "--tensor-parallel-size", "-q": "--quantization"}
@@ -78,7 +78,8 @@ def check_extra_args(where: str, args: Iterable[Any]) -> None:
             raise FleetConfigError(
                 field, f"{arg!r} puts a secret on the command line, which every user of the host can read "
                 "(ps, /proc/PID/cmdline) and the journal keeps.",
-                "remove it; set `vllm_api_key` for the API key (it goes through the root-only environment file). "
+                "remove it; every instance already requires the fleet's internal key, generated in "
+                "nginx_secrets_dir and passed through the root-only environment file. "
                 "The model is staged before the unit starts, so the engine needs no hub token.")
         if owner is not None:
             raise FleetConfigError(
@@ -171,24 +172,26 @@ def _check_addresses(plans: Iterable[HostPlan]) -> None:
 
 def _check_reachable(host: HostPlan, lb_hosts: tuple[str, ...]) -> None:
     """Instances on loopback answer only their own host, at a loopback address."""
-    listen = host.get("vllm_listen_address")
+    listen = host.listen_address
     others = [name for name in lb_hosts if name != host.name]
-    loopback = next(((key, value) for key, value in (("vllm_listen_address", listen),
+    # Unset, vllm_listen_address follows the advertised address: that one is to blame then.
+    loopback = next(((key, value) for key, value in (("vllm_listen_address", host.get("vllm_listen_address")),
                                                      ("vllm_advertise_address", host.address))
-                     if _is_loopback(value)), None)
+                     if value and _is_loopback(value)), None)
     if loopback and others:
         raise FleetConfigError(
             f"host {host.name}: `{loopback[0]}`",
             f"{loopback[1]!r} is a loopback address, but the load balancer {others[0]} is another host: it can "
             "never reach this host's instances.",
-            "set vllm_listen_address to 0.0.0.0 (or an address of this host the load balancer reaches) and "
-            "vllm_advertise_address to that address; or make this host the only load balancer.")
+            "set vllm_advertise_address to an address of this host the load balancer reaches and leave "
+            "vllm_listen_address unset (it follows vllm_advertise_address); or make this host the only load balancer.")
     if _is_loopback(listen) and not _is_loopback(host.address):
         raise FleetConfigError(
             f"host {host.name}: `vllm_listen_address`",
             f"{listen!r} is a loopback address, but nginx reaches the instances at {host.address!r} (from "
             f"{_address_source(host.data)}), where they do not listen.",
-            f"set vllm_advertise_address to {listen} as well, or vllm_listen_address to 0.0.0.0.")
+            f"set vllm_advertise_address to {listen} as well, or leave vllm_listen_address unset (it follows "
+            "vllm_advertise_address).")
 
 
 # ---- the fleet -----------------------------------------------------------------------------------------

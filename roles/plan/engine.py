@@ -16,7 +16,7 @@ def render_args(host: HostPlan, inst: Instance) -> list[str]:
     args = [
         "--model", host.model_dir,
         "--served-model-name", host.model.served_name,
-        "--host", host.get("vllm_listen_address"),
+        "--host", host.listen_address,
         "--port", str(inst.port),
         "--dtype", inst.get("vllm_dtype"),
         "--tensor-parallel-size", str(fit.tensor_parallel),
@@ -44,8 +44,9 @@ def render_args(host: HostPlan, inst: Instance) -> list[str]:
     return args
 
 
-def render_env(host: HostPlan, inst: Instance, placement: str) -> dict[str, str]:
-    """The per-instance environment: flags plus where the instance's threads or GPUs are.
+def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str) -> dict[str, str]:
+    """The per-instance environment: flags, where the instance's threads or GPUs are, and the
+    key vLLM requires on its OpenAI routes (the fleet's internal key, which only nginx sends).
 
     ``placement`` is the core list (CPU hosts) or comma-separated GPU indices (NVIDIA hosts),
     decided by the deploy from the host's facts.
@@ -56,8 +57,7 @@ def render_env(host: HostPlan, inst: Instance, placement: str) -> dict[str, str]
         env["CUDA_VISIBLE_DEVICES"] = placement
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = placement
-    if inst.get("vllm_api_key"):
-        env["VLLM_API_KEY"] = inst.get("vllm_api_key")
+    env["VLLM_API_KEY"] = api_key
     return env
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 from roles.common import sha256_file
 from roles.errors import FleetConfigError
 from roles.plan import consistency, settings
+from roles.plan.edge import EdgePlan, plan_fleet_edge
+from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.model import ModelArch
@@ -97,6 +99,11 @@ class HostPlan:
         return f"{self.get('vllm_install_dir')}/venvs/{self.lock.digest[:16]}"
 
     @property
+    def listen_address(self) -> str:
+        """Where the instances listen: the address the load balancer reaches, unless set apart."""
+        return self.get("vllm_listen_address") or self.address
+
+    @property
     def model_dir(self) -> str:
         return self.model.host_dir(self.get("vllm_data_dir"))
 
@@ -111,6 +118,10 @@ class FleetPlan:
     hosts: tuple[HostPlan, ...]
     lb_hosts: tuple[str, ...]
     served_model_name: str
+    # Clients, keys and TLS of the edge, and each host's firewall (by host name): planned for a
+    # deploy (``with_edge``); None and empty when only capacity was planned (`vllm-fleet plan`).
+    edges: tuple[tuple[str, EdgePlan], ...] = ()
+    firewalls: tuple[tuple[str, FirewallPlan | None], ...] = ()
 
     @property
     def upstreams(self) -> list[str]:
@@ -119,6 +130,18 @@ class FleetPlan:
 
     def host(self, name: str) -> HostPlan | None:
         return next((h for h in self.hosts if h.name == name), None)
+
+    def firewall(self, name: str) -> FirewallPlan | None:
+        return dict(self.firewalls)[name]
+
+    def edge(self, lb_name: str) -> EdgePlan:
+        """Load balancer ``lb_name``'s clients with its limits, and its certificate."""
+        return dict(self.edges)[lb_name]
+
+    @property
+    def secrets_dir(self) -> Path:
+        """The fleet's secrets folder on the control node: every load balancer names the same one."""
+        return self.edges[0][1].secrets_dir
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -345,13 +368,28 @@ def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None
 
 
 @lru_cache(maxsize=4)
-def plan_inventory(inventory) -> FleetPlan:
+def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
     """The plan for a pyinfra inventory (cached: a deploy file runs once per host). Every host's
     settings are checked, whatever its groups: a misspelt setting on a host that is only a load
-    balancer is refused like one on a vLLM host."""
+    balancer is refused like one on a vLLM host. ``with_edge``: the edge's secrets are read and
+    checked too (a deploy); without, only capacity is planned."""
     for host in inventory:
         settings.check_host_data(host.name, host.data.dict())
     vllm_hosts = inventory.get_group(VLLM_GROUP, default=[])
     lb_hosts = inventory.get_group(LB_GROUP, default=[])
-    return plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),
+    plan = plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),
                       base_dir=Path.cwd())
+    if not with_edge:
+        return plan
+    return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
+                                   [(h.name, h.data.dict()) for h in inventory], Path.cwd())
+
+
+def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[str, Any]]],
+                            hosts: list[tuple[str, Mapping[str, Any]]], base_dir: Path) -> FleetPlan:
+    """``plan`` with its edge (clients, keys, TLS; read from the load balancers' secrets folder)
+    and the firewall of every host of the inventory."""
+    edges = plan_fleet_edge(lb_hosts, base_dir)
+    lb_addresses = peer_addresses(lb_hosts)
+    return replace(plan, edges=edges, firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses))
+                                                    for name, data in hosts))

@@ -10,7 +10,8 @@ from roles import site
 from roles.errors import FleetConfigError
 from roles.plan.fleet import plan_fleet
 from tests.conftest import TINY_CONFIG
-from tests.deploy.fakehost import SimulatedHost, changed, debian, plan, ubuntu
+from tests.deploy.fakehost import changed, fleet_plan, plan
+from tests.deploy.simhost import SimulatedHost, debian, ubuntu
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
@@ -27,7 +28,7 @@ def commands(ops):
 @pytest.mark.parametrize("distro, python", [(debian(12), "python3.11"), (ubuntu(22, 4), "python3.11")])
 def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
     data = host_data()
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     sim = SimulatedHost(distro, nproc=8)
     ops = deploy(fleet, "h1", data, sim)
     run = commands(ops)
@@ -45,21 +46,30 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
     assert "sha256sum --check" in text
     assert "upload <generated> -> /etc/systemd/system/vllm@.service" in text
     assert "upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf" in text
-    assert "nginx -t" in run
+    assert "nginx -t -q" in run
     assert any(c.startswith("rm ") and c.endswith("/etc/nginx/sites-enabled/default") for c in run)
     # New instances start one after another, each on its own release link, each waited on
     # before the next starts, all before nginx sends them anything.
     order = [c for c in run if c.startswith(("systemctl enable --now vllm@", "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait"))]
     assert order == [
         "systemctl enable --now vllm@a",
-        "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@a --port 8001 --timeout 900",
+        ("python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@a --address 10.9.0.11 --port 8001 "
+         "--timeout 900"),
         "systemctl enable --now vllm@b",
-        "python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@b --port 8002 --timeout 900",
+        ("python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@b --address 10.9.0.11 --port 8002 "
+         "--timeout 900"),
     ]
     assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/current"] == venv.split()[4]
     assert run.index("systemctl enable --now vllm@b") < run.index("upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf")
     # nginx is reloaded only after its configuration passed nginx -t.
-    assert run.index("nginx -t") < run.index("systemctl reload nginx.service")
+    assert run.index("nginx -t -q") < run.index("systemctl reload nginx.service")
+    # The firewall comes first: nothing listens before it filters.
+    assert run.index("systemctl reload-or-restart vllm-fleet-firewall.service") < \
+        run.index("systemctl enable --now vllm@a")
+    # Instances listen where the load balancer reaches them, and require the fleet's internal key.
+    env = sim.files["/etc/vllm-fleet/instances/a.env"]
+    assert env["mode"] == 600 and "--host 10.9.0.11 " in env["lines"][1]
+    assert any(line.startswith("VLLM_API_KEY=") for line in env["lines"])
     # Nothing existed before: nothing restarts, no instance is taken out of nginx.
     assert sim.restarts == [] and sim.drained == []
 
@@ -67,7 +77,7 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
 @pytest.mark.parametrize("distro", [debian(12), ubuntu(22, 4)])
 def test_second_run_changes_nothing(host_data, distro):
     data = host_data()
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     sim = SimulatedHost(distro)
     first = deploy(fleet, "h1", data, sim)
     assert len(changed(first)) > 10
@@ -78,39 +88,44 @@ def test_second_run_changes_nothing(host_data, distro):
 def test_changed_flag_restarts_only_that_instance_out_of_nginx(host_data):
     data = host_data()
     sim = SimulatedHost(debian(12))
-    deploy(plan_fleet([("h1", data)], ["h1"]), "h1", data, sim)
+    deploy(fleet_plan([("h1", data)], ["h1"]), "h1", data, sim)
 
     tuned = host_data(vllm_instances=[{"name": "a", "port": 8001, "max_num_seqs": 8}, {"name": "b", "port": 8002}])
-    ops = deploy(plan_fleet([("h1", tuned)], ["h1"]), "h1", tuned, sim)
+    ops = deploy(fleet_plan([("h1", tuned)], ["h1"]), "h1", tuned, sim)
     assert [(op.name.split(" | ")[-1], op.commands) for op in changed(ops)] == [
         ("Rolling update slot 1/2: out of nginx, drained",
          ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q", "function _run_logged"]),
+        # The staged environment (it holds the instance's key) is created root-only before it is written.
         ("Rolling update slot 1/2: switch, restart, prove (or put back)",
-         ["upload <generated> -> /etc/vllm-fleet/instances/a.env.next", "function _run_switch"]),
+         ["install -m 600 /dev/null /etc/vllm-fleet/instances/a.env.next.upload",
+          "upload <generated> -> /etc/vllm-fleet/instances/a.env.next.upload",
+          "mv -f /etc/vllm-fleet/instances/a.env.next.upload /etc/vllm-fleet/instances/a.env.next",
+          "function _run_switch"]),
         ("Rolling update slot 1/2: back into nginx",
          ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q && systemctl reload nginx"]),
     ]
     assert sim.restarts == ["a"] and sim.drained == [["10.9.0.11:8001"]]
     assert 'ENGINE_ARGS="' in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1]
     assert "--max-num-seqs 8" in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1]
+    assert sim.files["/etc/vllm-fleet/instances/a.env"]["mode"] == 600
     # Taken out while it restarted, and back in: nginx ends on the configuration it started with.
     conf = sim.files["/etc/nginx/conf.d/vllm-fleet.conf"]["lines"]
     assert [line.strip() for line in conf if "server 10." in line] == [
         "server 10.9.0.11:8001 max_fails=1 fail_timeout=10s;", "server 10.9.0.11:8002 max_fails=1 fail_timeout=10s;"]
-    assert changed(deploy(plan_fleet([("h1", tuned)], ["h1"]), "h1", tuned, sim)) == []
+    assert changed(deploy(fleet_plan([("h1", tuned)], ["h1"]), "h1", tuned, sim)) == []
 
 
 def test_unsupported_python_is_refused_before_any_operation(host_data):
     data = host_data()
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     with pytest.raises(FleetConfigError, match="Python 3.11.*Ubuntu 24.04 ships Python 3.12"):
         deploy(fleet, "h1", data, SimulatedHost(ubuntu(24, 4)))
 
 
 def test_lb_only_host_gets_nginx_and_no_vllm(host_data):
-    data = host_data()
-    fleet = plan_fleet([("h1", data)], ["lb1"])
-    ops = deploy(fleet, "lb1", {"ssh_hostname": "10.9.0.2"}, SimulatedHost(debian(12)))
+    data, lb = host_data(), {"ssh_hostname": "10.9.0.2"}
+    fleet = fleet_plan([("h1", data)], [("lb1", lb)])
+    ops = deploy(fleet, "lb1", lb, SimulatedHost(debian(12)))
     run = commands(ops)
     assert not any("vllm@" in c for c in run)
     assert "upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf" in run
@@ -118,21 +133,25 @@ def test_lb_only_host_gets_nginx_and_no_vllm(host_data):
 
 def test_failing_smoke_test_fails_the_deploy_with_the_report(host_data):
     data = host_data()
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     ok = deploy(fleet, "h1", data, SimulatedHost(debian(12), smoke_ok=True))
     assert next(op for op in ok if op.name.endswith("Smoke test")).commands == []
     bad = deploy(fleet, "h1", data, SimulatedHost(debian(12), smoke_ok=False))
     smoke = next(op for op in bad if op.name.endswith("Smoke test"))
+    # The instances at their address; the edge over TLS, checked against the certificate nginx
+    # serves, as the name clients use, with the smoke test's root-only key (never on the command line).
     assert smoke.commands == ["python3 /usr/local/lib/vllm-fleet/fleet_probe.py smoke --env-dir "
-                              "/etc/vllm-fleet/instances --instance a:8001 --instance b:8002 "
-                              "--wait-healthy 900 --lb-port 80 --model tiny --report"]
+                              "/etc/vllm-fleet/instances --address 10.9.0.11 --instance a:8001 --instance b:8002 "
+                              "--wait-healthy 900 --lb-port 443 --lb-name 10.9.0.11 --lb-ca "
+                              "/etc/nginx/vllm-fleet/edge.pem --lb-key-file /etc/nginx/vllm-fleet/smoke.key "
+                              "--model tiny --report"]
 
 
 def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
     revision = "0123456789abcdef0123456789abcdef01234567"
     data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision=revision,
                      vllm_model_config=str(TINY_CONFIG))
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     sim = SimulatedHost(ubuntu(22, 4))
     first = deploy(fleet, "h1", data, sim)
     stage = next(op for op in first if op.name.endswith("Model tiny"))
@@ -162,21 +181,26 @@ def test_unpinned_hub_model_is_refused(host_data):
 def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data):
     data = host_data()
     sim = SimulatedHost(debian(12))
-    deploy(plan_fleet([("h1", data)], ["h1"]), "h1", data, sim)
+    deploy(fleet_plan([("h1", data)], ["h1"]), "h1", data, sim)
     assert "vllm@b.service" in sim.running
 
     fewer = host_data(vllm_instances=[{"name": "a", "port": 8001}])
-    ops = changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim))
+    ops = changed(deploy(fleet_plan([("h1", fewer)], ["h1"]), "h1", fewer, sim))
     # b stops only after nginx has dropped it; a's cores change (it now has the whole host), so
     # it restarts out of nginx.
-    assert [op.name.split(" | ")[-1] for op in ops] == [
-        "Render the fleet upstream", "Check the nginx configuration", "Reload nginx on its new configuration",
+    firewall = ["Render the firewall rules (checked with nft -c first)", "Apply the firewall rules"]
+    assert [op.name.split(" | ")[-1] for op in ops if op.name.split(" | ")[-1] not in firewall] == [
+        "Render the fleet's edge", "Check the nginx configuration", "Reload nginx on its new configuration",
         "Rolling update slot 1/1: out of nginx, drained", "Rolling update slot 1/1: switch, restart, prove (or put back)",
         "Rolling update slot 1/1: back into nginx",
         "Stop vllm@b (no longer in the inventory)", "Remove the environment of vllm@b"]
     assert "vllm@b.service" not in sim.running and "vllm@b.service" not in sim.enabled
+    # b's port is no longer open to the load balancer.
+    rules = [line.strip() for line in sim.files["/etc/vllm-fleet/firewall.nft"]["lines"]]
+    assert [r for r in rules if "tcp dport" in r and "saddr" in r] == [
+        'ip saddr { 10.9.0.11 } tcp dport { 8001 } accept comment "instance ports: allowed sources only (IPv4)"']
     assert "/etc/vllm-fleet/instances/b.env" not in sim.files
-    assert changed(deploy(plan_fleet([("h1", fewer)], ["h1"]), "h1", fewer, sim)) == []
+    assert changed(deploy(fleet_plan([("h1", fewer)], ["h1"]), "h1", fewer, sim)) == []
 
 
 def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
@@ -186,7 +210,7 @@ def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
     data = host_data(vllm_keep_releases=2)
     venvs = []
     for n in range(3):
-        fleet = plan_fleet([("h1", data)], ["h1"])
+        fleet = fleet_plan([("h1", data)], ["h1"])
         # Each "release" is the same manifest with another lock digest (what a new release changes on hosts).
         host_plan = fleet.hosts[0]
         fake_lock = dataclasses.replace(host_plan.lock, digest=str(n) * 64)
@@ -198,9 +222,9 @@ def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
     assert installed == {venvs[1], venvs[2]}  # the oldest went; in use and previous stayed
 
     # Roll back to release 1: its venv is kept, so nothing is uploaded or installed.
-    host_plan = plan_fleet([("h1", data)], ["h1"]).hosts[0]
+    host_plan = fleet_plan([("h1", data)], ["h1"]).hosts[0]
     back = dataclasses.replace(host_plan, lock=dataclasses.replace(host_plan.lock, digest="1" * 64))
-    fleet = dataclasses.replace(plan_fleet([("h1", data)], ["h1"]), hosts=(back,))
+    fleet = dataclasses.replace(fleet_plan([("h1", data)], ["h1"]), hosts=(back,))
     sim.restarts.clear()
     run = commands(deploy(fleet, "h1", data, sim))
     assert not any("wheels.tar" in c or "-m venv" in c for c in run)
@@ -222,15 +246,15 @@ def test_garbage_collection_never_removes_a_protected_release():
 def test_staged_models_are_kept_like_releases_and_never_removed_while_in_use(host_data, tmp_path):
     sim = SimulatedHost(debian(12))
     first = host_data(vllm_keep_releases=1)
-    deploy(plan_fleet([("h1", first)], ["h1"]), "h1", first, sim)
-    old_dir = plan_fleet([("h1", first)], ["h1"]).hosts[0].model_dir
+    deploy(fleet_plan([("h1", first)], ["h1"]), "h1", first, sim)
+    old_dir = fleet_plan([("h1", first)], ["h1"]).hosts[0].model_dir
 
     retrained = tmp_path / "retrained"
     retrained.mkdir()
     (retrained / "config.json").write_text(TINY_CONFIG.read_text())
     (retrained / "model.safetensors").write_bytes(b"\1" * 64)
     second = host_data(vllm_keep_releases=1, vllm_model_path=str(retrained))
-    fleet = plan_fleet([("h1", second)], ["h1"])
+    fleet = fleet_plan([("h1", second)], ["h1"])
     new_dir = fleet.hosts[0].model_dir
 
     def staged():
@@ -249,7 +273,7 @@ def test_package_indexes_are_refreshed_only_when_a_package_is_missing(host_data)
     from datetime import datetime, timedelta
 
     data = host_data()
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
     sim = SimulatedHost(debian(12))
     deploy(fleet, "h1", data, sim)
     sim.files[SimulatedHost.APT_STAMP]["mtime"] = datetime.now() - timedelta(days=2)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from roles import site
-from roles.plan.fleet import plan_fleet
-from tests.deploy.fakehost import GpuState, SimulatedHost, changed, debian, plan, ubuntu
+from tests.deploy.fakehost import changed, fleet_plan, plan
+from tests.deploy.simhost import GpuState, SimulatedHost, debian, ubuntu
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "gpu"
 READINGS = json.loads((FIXTURES / "h200-readings.json").read_text())
@@ -40,7 +40,7 @@ def gpu_host(distro, **state):
 def run(data, sim, name="g1", deploy=site.serve):
     if sim.distro["major"] == 24:  # the lock is for Python 3.11; on 24.04 the operator provides it
         data = {**data, "vllm_python": "/opt/python3.11/bin/python3.11"}
-    fleet = plan_fleet([(name, data)], ["lb"])
+    fleet = fleet_plan([(name, data)], [("lb", {"ssh_hostname": "10.9.0.2"})])
     return plan(deploy, fleet, host_name=name, host_data=data, sim=sim)
 
 

@@ -10,7 +10,8 @@ from roles import site
 from roles.errors import FleetConfigError
 from roles.plan.fleet import check_run_limit, plan_fleet
 from roles.rollout import Member, schedule, slot_count
-from tests.deploy.fakehost import SimulatedHost, debian, run_fleet
+from tests.deploy.fakehost import fleet_plan, run_fleet
+from tests.deploy.simhost import SimulatedHost, debian
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
@@ -40,7 +41,7 @@ class Fleet:
         self.upgraded = {"h1", "h2"}  # hosts the new release is pinned on
 
     def plan(self):
-        fleet = plan_fleet(list(self.data.items()), ["h1"])
+        fleet = fleet_plan(list(self.data.items()), ["h1"])
         if self.lock_digest is None:
             return fleet
         # Another release is another lock digest, hence another venv on the hosts.

@@ -14,7 +14,8 @@ from roles.errors import FleetConfigError
 from roles.plan import settings
 from roles.plan.fleet import plan_fleet
 from tests.conftest import TINY_CONFIG
-from tests.deploy.fakehost import SimulatedHost, debian, plan
+from tests.deploy.fakehost import fleet_plan, plan
+from tests.deploy.simhost import SimulatedHost, debian
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
@@ -79,12 +80,12 @@ def test_shell_syntax_in_a_string_setting_is_refused_or_inert(host_data, setting
     plain = None
     for bad in BAD:
         try:
-            fleet = plan_fleet([("h1", data(bad))], ["h1"])
+            fleet = fleet_plan([("h1", data(bad))], ["h1"])
         except FleetConfigError as error:
             assert setting.name in error.field, (bad, error)
             continue
         if plain is None:
-            plain = deploy_commands(plan_fleet([("h1", data(MARKER))], ["h1"]), data(MARKER))
+            plain = deploy_commands(fleet_plan([("h1", data(MARKER))], ["h1"]), data(MARKER))
         assert_inert(plain, deploy_commands(fleet, data(bad)), bad)
 
 
@@ -106,7 +107,7 @@ def test_values_that_reach_commands_are_refused_by_the_plan(host_data):
 ])
 def test_commands_quote_what_the_plan_would_refuse(host_data, name, template, value):
     """The plan is bypassed: a host plan whose settings no inventory could give."""
-    fleet = plan_fleet([("h1", host_data())], ["h1"])
+    fleet = fleet_plan([("h1", host_data())], ["h1"])
 
     def commands_with(text):
         host = fleet.hosts[0]
@@ -119,7 +120,7 @@ def test_commands_quote_what_the_plan_would_refuse(host_data, name, template, va
 def test_hub_model_id_and_revision_reach_the_download_as_arguments(host_data):
     data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision="0" * 40,
                      vllm_model_config=str(TINY_CONFIG))
-    fleet = plan_fleet([("h1", data)], ["h1"])
+    fleet = fleet_plan([("h1", data)], ["h1"])
 
     def with_model(model_id, revision):
         host = fleet.hosts[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import requests
 
+from roles.cli import LabEdge
 from roles.lab.config import load_state
 from roles.lab.hosts import ssh_command
 
@@ -54,8 +55,9 @@ def run_deploy(*pyinfra_args: str) -> Deploy:
     return result
 
 
-def ssh(host: str, command: str, check: bool = True) -> str:
-    proc = subprocess.run(ssh_command(host) + [command], capture_output=True, text=True, timeout=300)
+def ssh(host: str, command: str, check: bool = True, stdin: str | None = None) -> str:
+    """Run ``command`` on a lab host; ``stdin`` carries what must stay off command lines (keys)."""
+    proc = subprocess.run(ssh_command(host) + [command], capture_output=True, text=True, timeout=300, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"{host}: {command}: {proc.stdout}{proc.stderr}")
     return proc.stdout.strip()
@@ -63,10 +65,11 @@ def ssh(host: str, command: str, check: bool = True) -> str:
 
 @dataclass
 class Load:
-    """A bounded load through the load balancer: alternately streamed chat and plain completions."""
+    """A bounded load through the load balancer, over TLS with a client key (the lab client's
+    unless ``api_key`` is given): alternately streamed chat and plain completions."""
 
-    base_url: str
-    model: str
+    edge: LabEdge
+    api_key: str | None = None
     # A steady stream, not a flood: two clients with a pause between requests leave the two
     # cores room for the killed instance to restart.
     workers: int = 2
@@ -77,15 +80,16 @@ class Load:
     results: list[tuple[float, bool, str]] = field(default_factory=list)  # (end time, ok, detail)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def one(self, n: int) -> tuple[bool, str]:
+    def one(self, session: requests.Session, n: int) -> tuple[bool, str]:
+        base_url, model = self.edge.base_url, self.edge.model
         try:
             if n % 2:
-                r = requests.post(f"{self.base_url}/completions", timeout=60,
-                                  json={"model": self.model, "prompt": "Hello", "max_tokens": 16})
+                r = session.post(f"{base_url}/completions", timeout=60,
+                                 json={"model": model, "prompt": "Hello", "max_tokens": 16})
                 return r.status_code == 200 and bool(r.json()["choices"]), f"completion HTTP {r.status_code}"
-            with requests.post(f"{self.base_url}/chat/completions", timeout=60, stream=True,
-                               json={"model": self.model, "stream": True, "max_tokens": 16,
-                                     "messages": [{"role": "user", "content": "Hi"}]}) as r:
+            with session.post(f"{base_url}/chat/completions", timeout=60, stream=True,
+                              json={"model": model, "stream": True, "max_tokens": 16,
+                                    "messages": [{"role": "user", "content": "Hi"}]}) as r:
                 events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
                 ok = r.status_code == 200 and events[-1:] == [b"data: [DONE]"]
                 return ok, f"stream HTTP {r.status_code}, {len(events)} events"
@@ -94,11 +98,12 @@ class Load:
 
     def worker(self, first: int, deadline: float) -> None:
         n = first
+        session = self.edge.session(self.api_key)  # one per thread: sessions are not thread-safe
         while not self.stop.is_set() and time.monotonic() < deadline:
             with self.lock:
                 if len(self.results) >= self.max_requests:
                     return
-            ok, detail = self.one(n)
+            ok, detail = self.one(session, n)
             with self.lock:
                 self.results.append((time.monotonic(), ok, detail))
             n += 1

@@ -70,8 +70,7 @@ def deploy_under_load(*pyinfra_args: str):
     """A deploy while two clients send streamed and plain requests through nginx (bounded). Two
     seconds between requests: the lab's two cores also install the release and start instances,
     and each vLLM-CPU worker busy-polls for a second after every request, starving the rest."""
-    base_url, model = cli.lab_endpoint()
-    with Load(base_url, model, pause=2.0, max_requests=5000, max_seconds=1500) as load:
+    with Load(cli.lab_endpoint(), pause=2.0, max_requests=5000, max_seconds=1500) as load:
         time.sleep(2)
         deploy = run_deploy(*pyinfra_args)
         time.sleep(2)

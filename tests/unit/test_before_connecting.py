@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.secrets import add_client_key
 from tests.unit.test_cli import vllm_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,14 +74,56 @@ def test_refused_before_connecting(tmp_path, model_dir, case):
     assert cli.returncode == 2 and field in cli.stderr and fix in cli.stderr, cli.stderr
 
 
-def test_a_plannable_inventory_goes_on_to_connect(tmp_path, model_dir):
-    """The control case: the same inventory without a mistake reaches pyinfra's connect stage
-    (its hosts on loopback, port 9 where nothing listens: no name is looked up, nothing answers)."""
+def secrets_dir(tmp_path: Path, clients: bool = True) -> Path:
+    """A load balancer's nginx_secrets_dir: private, with one client (or, ``clients=False``, none yet)."""
+    folder = tmp_path / "secrets"
+    if clients:
+        add_client_key(folder, "alice")
+    else:
+        folder.mkdir(mode=0o700)
+    return folder
+
+
+def plannable(tmp_path: Path, model_dir: Path, lb_data: dict) -> Path:
+    """An inventory without a mistake in its hosts (on loopback, port 9 where nothing listens: no
+    name is looked up, nothing answers); ``lb_data`` joins gpu-01.invalid's data as a load balancer."""
     # ssh goes to loopback; the advertised addresses (documentation range) are only written into nginx's
-    # configuration, which this run never reaches.
-    path = inventory(tmp_path, model_dir, {"ssh_hostname": "127.0.0.2", "vllm_advertise_address": "192.0.2.2"},
-                     ssh_hostname="127.0.0.1", ssh_port=9, vllm_advertise_address="192.0.2.1")
+    # configuration and the firewalls' rules, which this run never reaches.
+    return inventory(tmp_path, model_dir, {"ssh_hostname": "127.0.0.2", "vllm_advertise_address": "192.0.2.2"},
+                     lb=[("gpu-01.invalid", lb_data)], ssh_hostname="127.0.0.1", ssh_port=9,
+                     vllm_advertise_address="192.0.2.1")
+
+
+def test_a_plannable_inventory_goes_on_to_connect(tmp_path, model_dir):
+    """The control case: the same inventory without a mistake, its load balancer given its
+    secrets folder, reaches pyinfra's connect stage."""
+    path = plannable(tmp_path, model_dir, {"nginx_secrets_dir": str(secrets_dir(tmp_path))})
     result = pyinfra(path)
     out = result.stdout + result.stderr
     assert "Connecting to hosts" in out, out
     assert result.returncode != 0, out  # nothing answers on 127.0.0.1:9
+
+
+@pytest.mark.parametrize("case", ["no nginx_secrets_dir", "no clients.toml"])
+def test_a_deploy_without_the_edge_secrets_is_refused_but_its_capacity_still_plans(tmp_path, model_dir, case):
+    """A deploy needs the edge's clients before it connects; `vllm-fleet plan` plans capacity only,
+    so it works before any client key is written."""
+    if case == "no nginx_secrets_dir":
+        lb_data, problem = {}, "is unset: the edge needs its clients' keys"
+    else:
+        lb_data = {"nginx_secrets_dir": str(secrets_dir(tmp_path, clients=False))}
+        problem = f"{tmp_path / 'secrets' / 'clients.toml'} does not exist: the edge would let no client in"
+    path = plannable(tmp_path, model_dir, lb_data)
+    result = pyinfra(path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "host gpu-01.invalid: `nginx_secrets_dir`" in out and problem in out, out
+    assert "vllm-fleet keys add" in out and "Traceback" not in out, out
+    assert "Loading inventory" in out and "Connecting to hosts" not in out, out
+    # Nothing was generated for a deploy that never started.
+    assert not [p for p in tmp_path.rglob("*.key")], list(tmp_path.rglob("*"))
+
+    cli = vllm_fleet("plan", str(path))
+    assert cli.returncode == 0, cli.stderr
+    rows = [line.split()[:2] for line in cli.stdout.splitlines() if line.startswith("gpu-")]
+    assert "KV tokens" in cli.stdout and rows == [["gpu-01.invalid", "a"], ["gpu-02.invalid", "a"]], cli.stdout

@@ -1,13 +1,11 @@
 """Flags, environment and placement rendered from inventory settings (pure functions)."""
 
-import json
 import shlex
 from types import SimpleNamespace
 
 import pytest
 
 from roles.errors import FleetConfigError
-from roles.nginx import render_conf
 from roles.plan import engine
 from roles.plan.fleet import Instance, auto_gpus, plan_fleet, split_cores
 from roles.plan.settings import describe
@@ -32,6 +30,18 @@ def test_cpu_flags_carry_every_setting(host_data):
     assert args[-2:] == ["--seed", "7"]
 
 
+def test_instances_listen_where_the_load_balancer_reaches_them_unless_set(host_data):
+    def listen(**overrides):
+        hp = host_plan(host_data, **overrides)
+        args = engine.render_args(hp, hp.instances[0])
+        return hp.listen_address, args[args.index("--host") + 1]
+
+    # Unset: the advertised address (ssh_hostname here), never every interface.
+    assert listen() == ("10.9.0.11", "10.9.0.11")
+    assert listen(vllm_advertise_address="10.9.1.11") == ("10.9.1.11", "10.9.1.11")
+    assert listen(vllm_listen_address="0.0.0.0") == ("0.0.0.0", "0.0.0.0")
+
+
 def test_unset_lengths_are_derived_from_the_capacity_plan_and_rendered(host_data):
     # The tiny Llama allows 2,048 positions; a 256 MiB CPU cache at 1 KiB a token holds 262,144.
     hp = host_plan(host_data, vllm_kv_cache_bytes=256 << 20)
@@ -53,10 +63,10 @@ def test_prefix_caching_can_be_turned_off(host_data):
 
 
 def test_env_binds_cores_and_keeps_api_key_off_the_command_line(host_data):
-    hp = host_plan(host_data, vllm_api_key="s3cret")
-    env = engine.render_env(hp, hp.instances[0], "0-3")
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and env["VLLM_API_KEY"] == "s3cret"
-    assert "s3cret" not in env["ENGINE_ARGS"]
+    hp = host_plan(host_data)
+    env = engine.render_env(hp, hp.instances[0], "0-3", "vf-internal-key")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and env["VLLM_API_KEY"] == "vf-internal-key"
+    assert "vf-internal-key" not in env["ENGINE_ARGS"]
     text = engine.env_file(env)
     # EnvironmentFile= unquotes like a shell; ExecStart's unbraced $ENGINE_ARGS then splits at whitespace.
     parsed = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith("#"))
@@ -84,29 +94,6 @@ def test_nvidia_instances_get_their_own_gpus():
     assert auto_gpus(insts) == {"a": [1, 2], "b": [0], "c": [3]}
 
 
-def test_nginx_config_lists_every_instance_and_is_streaming_safe(host_data):
-    fleet = plan_fleet([("h1", host_data()), ("h2", host_data(ssh_hostname="10.9.0.12",
-                                                                vllm_instances=[{"name": "a", "port": 8001}]))],
-                       ["h1"])
-    conf = render_conf(fleet, {"nginx_read_timeout": 1200})
-    servers = [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")]
-    assert servers == ["10.9.0.11:8001", "10.9.0.11:8002", "10.9.0.12:8001"]
-    for directive in ("least_conn;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
-                      "proxy_buffering off;", "proxy_read_timeout 1200s;", "keepalive 32;",
-                      "proxy_next_upstream error timeout"):
-        assert directive in conf
-    assert " down" not in conf
-
-
-def test_nginx_config_marks_restarting_instances_down_and_nothing_else(host_data):
-    fleet = plan_fleet([("h1", host_data())], ["h1"])
-    conf = render_conf(fleet, {}, down={"10.9.0.11:8002"})
-    servers = [line.strip() for line in conf.splitlines() if line.strip().startswith("server 10.")]
-    assert servers == ["server 10.9.0.11:8001 max_fails=1 fail_timeout=10s;",
-                       "server 10.9.0.11:8002 max_fails=1 fail_timeout=10s down;  # restarting"]
-    assert conf.replace(" down;  # restarting", ";") == render_conf(fleet, {})
-
-
 def test_settings_table_documents_every_setting():
     text = describe()
     assert "vllm_kv_cache_bytes (int, default 1073741824) [per instance]" in text
@@ -119,7 +106,7 @@ def test_nvidia_instances_get_gpus_and_memory_fraction(host_data, nvidia_release
                    vllm_instances=[{"name": "a", "port": 8001, "tensor_parallel_size": 2},
                                    {"name": "b", "port": 8002}])
     gpus = auto_gpus(hp.instances)
-    env = engine.render_env(hp, hp.instances[0], ",".join(map(str, gpus["a"])))
+    env = engine.render_env(hp, hp.instances[0], ",".join(map(str, gpus["a"])), "vf-internal-key")
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and gpus["b"] == [2]
     args = engine.render_args(hp, hp.instances[0])
     assert "--gpu-memory-utilization 0.92" in " ".join(args) and "--tensor-parallel-size 2" in " ".join(args)
@@ -134,36 +121,3 @@ def test_two_instances_claiming_one_gpu_are_refused(host_data, nvidia_releases):
                                                              {"name": "b", "port": 8002, "gpus": [0]}])
 
 
-def test_ipv6_instances_are_bracketed_for_nginx_and_the_drain(host_data):
-    fleet = plan_fleet([("h1", host_data(ssh_hostname="fd00::11"))], ["h1"])
-    conf = render_conf(fleet, {}, down={"[fd00::11]:8002"})
-    servers = [line.split()[1:] for line in conf.splitlines() if line.strip().startswith("server [")]
-    assert servers == [["[fd00::11]:8001", "max_fails=1", "fail_timeout=10s;"],
-                       ["[fd00::11]:8002", "max_fails=1", "fail_timeout=10s", "down;", "#", "restarting"]]
-
-
-def proxied_routes(conf: str) -> list[str]:
-    """The exact-match locations that proxy to the fleet, in the order the configuration lists them."""
-    blocks = conf.split("location = ")[1:]
-    return [block.split()[0] for block in blocks if "proxy_pass http://vllm_fleet;" in block.split("}")[0]]
-
-
-def test_the_edge_forwards_only_the_allowlist(host_data):
-    fleet = plan_fleet([("h1", host_data())], ["h1"])
-    conf = render_conf(fleet, {})
-    assert proxied_routes(conf) == ["/v1/models", "/v1/completions", "/v1/chat/completions", "/health"]
-    # Everything else is answered by nginx itself, in OpenAI's error shape.
-    catch_all = conf.split("location / {", 1)[1].split("}", 1)[0]
-    assert catch_all.split() == ["return", "404;"] and "error_page 404 @not_found;" in conf
-    assert conf.count("proxy_pass") == 4
-    not_found = conf.split("location @not_found {", 1)[1].split("\n    }", 1)[0]
-    body = not_found.split("return 404 '", 1)[1].rsplit("\\n';", 1)[0]
-    assert json.loads(body)["error"]["code"] == "not_found"
-
-
-def test_a_task_route_is_added_and_others_are_refused(host_data):
-    fleet = plan_fleet([("h1", host_data())], ["h1"])
-    conf = render_conf(fleet, {"nginx_task_routes": ["/v1/embeddings"]})
-    assert proxied_routes(conf)[-2:] == ["/v1/embeddings", "/health"]
-    with pytest.raises(FleetConfigError, match=r"nginx_task_routes.*one of vLLM's OpenAI task routes: /v1/embeddings"):
-        plan_fleet([("h1", host_data(nginx_task_routes=["/pause"]))], ["h1"])

@@ -129,7 +129,10 @@ def test_extra_args_may_not_set_what_a_setting_owns(host_data, args):
 def test_extra_args_may_not_carry_secrets(host_data, args):
     error = refusal([("h1", host_data(vllm_extra_args=args))])
     assert error.field == "host h1: instance a: `vllm_extra_args`" and repr(args[0]) in error.problem
-    assert "secret on the command line" in error.problem and "`vllm_api_key`" in error.fix
+    assert "secret on the command line" in error.problem
+    # There is no API key setting: every instance gets the fleet's internal key, off the command line.
+    assert "every instance already requires the fleet's internal key" in error.fix
+    assert "root-only environment file" in error.fix and "vllm_api_key" not in error.fix
 
 
 def test_extra_args_that_no_setting_owns_pass(host_data):
@@ -174,7 +177,10 @@ def test_loopback_instances_behind_another_load_balancer_are_refused(host_data):
     error = refusal([("h1", host_data(vllm_listen_address="127.0.0.1"))], lb=["lb1"])
     assert error.field == "host h1: `vllm_listen_address`"
     assert "'127.0.0.1' is a loopback address, but the load balancer lb1 is another host" in error.problem
-    assert "0.0.0.0" in error.fix
+    # Instances no longer listen on every interface: the fix is an address the load balancer reaches.
+    assert "set vllm_advertise_address to an address of this host the load balancer reaches" in error.fix
+    assert "leave vllm_listen_address unset (it follows vllm_advertise_address)" in error.fix
+    assert "0.0.0.0" not in error.fix
     error = refusal([("h1", host_data(ssh_hostname="localhost"))], lb=["lb1"])
     assert error.field == "host h1: `vllm_advertise_address`" and "'localhost' is a loopback" in error.problem
 
@@ -183,6 +189,7 @@ def test_loopback_instances_need_a_loopback_upstream_on_their_own_host(host_data
     error = refusal([("h1", host_data(vllm_listen_address="::1"))])
     assert error.field == "host h1: `vllm_listen_address`"
     assert "nginx reaches the instances at '10.9.0.11' (from ssh_hostname), where they do not listen" in error.problem
+    assert "set vllm_advertise_address to ::1 as well, or leave vllm_listen_address unset" in error.fix
     fleet = plan_fleet([("h1", host_data(vllm_listen_address="::1", vllm_advertise_address="::1"))], ["h1"])
     assert fleet.upstreams == ["[::1]:8001", "[::1]:8002"]
 

@@ -143,7 +143,8 @@ CLI_CASES = {
         "set `vllm_max_model_len` instead"),
     "4 an API key on the command line": (
         lambda d: [("h1", d(vllm_extra_args=["--api-key", "s3cret"]))], ["h1"], {},
-        "`vllm_extra_args`", "'--api-key' puts a secret on the command line", "set `vllm_api_key`"),
+        "`vllm_extra_args`", "'--api-key' puts a secret on the command line",
+        "every instance already requires the fleet's internal key"),
     "4 two hosts on one address": (
         lambda d: two_hosts(d, ssh_hostname="10.9.0.11"), ["h1"], {},
         "host h2: `vllm_advertise_address`", "'10.9.0.11' (from ssh_hostname) is also host h1's address",
@@ -151,7 +152,7 @@ CLI_CASES = {
     "4 loopback instances behind another host": (
         lambda d: [("h1", d(vllm_listen_address="127.0.0.1"))], [("lb1", {"ssh_hostname": "10.9.0.2"})], {},
         "host h1: `vllm_listen_address`", "'127.0.0.1' is a loopback address, but the load balancer lb1",
-        "set vllm_listen_address to 0.0.0.0"),
+        "leave vllm_listen_address unset (it follows vllm_advertise_address)"),
     "4 a malformed model id": (
         lambda d: [("h1", d(vllm_model_path=None, vllm_model_id="acme/../chat", vllm_model_revision="0" * 40))],
         ["h1"], {}, "host h1: `vllm_model_id`", "'acme/../chat' is not a Hugging Face repository id",
