@@ -127,3 +127,52 @@ def test_a_deploy_without_the_edge_secrets_is_refused_but_its_capacity_still_pla
     assert cli.returncode == 0, cli.stderr
     rows = [line.split()[:2] for line in cli.stdout.splitlines() if line.startswith("gpu-")]
     assert "KV tokens" in cli.stdout and rows == [["gpu-01.invalid", "a"], ["gpu-02.invalid", "a"]], cli.stdout
+
+
+def edge_case(tmp_path: Path, case: str) -> dict:
+    """The load balancer's data for one of the edge's bad inputs the issue names."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.unit.test_edge import certificate, private_file
+
+    folder = tmp_path / "secrets"
+    keys = {"a key shorter than 32 characters": ('["vf-short"]', '["vf-' + "b" * 40 + '"]'),
+            "two clients with one key": ('["vf-' + "a" * 40 + '"]', '["vf-' + "a" * 40 + '"]')}
+    alice, bob = keys.get(case, ('["vf-' + "a" * 40 + '"]', '["vf-' + "b" * 40 + '"]'))
+    private_file(folder / "clients.toml", f"[clients.alice]\nkeys = {alice}\n[clients.bob]\nkeys = {bob}\n")
+    data = {"nginx_secrets_dir": str(folder), "nginx_server_name": "edge.example.com"}
+    now = datetime.now(UTC)
+    if case == "a certificate whose key does not match":
+        cert, key = certificate(tmp_path, ["edge.example.com"], valid_from=now - timedelta(days=1),
+                                valid_to=now + timedelta(days=90), key=ec.generate_private_key(ec.SECP256R1()))
+    elif case == "an expired certificate":
+        cert, key = certificate(tmp_path, ["edge.example.com"], valid_from=now - timedelta(days=400),
+                                valid_to=now - timedelta(days=1))
+    else:
+        return {**data, "nginx_client_rate": 0} if case == "a rate limit of 0" else data
+    return {**data, "nginx_tls_certificate": str(cert), "nginx_tls_key": str(key)}
+
+
+EDGE_CASES = {
+    "a key shorter than 32 characters": ("clients.toml: client alice: keys[0]", "shorter than 32",
+                                         "vllm-fleet keys new"),
+    "two clients with one key": ("clients.toml: client bob: keys[0]", "is the same key as client alice's",
+                                 "vllm-fleet keys add"),
+    "a certificate whose key does not match": ("host gpu-01.invalid: `nginx_tls_key`", "is not the key of", "the private key the "),
+    "an expired certificate": ("host gpu-01.invalid: `nginx_tls_certificate`", "expired on", "renew it"),
+    "a rate limit of 0": ("host gpu-01.invalid: `nginx_client_rate`", "0 is outside the allowed range", "at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_bad_edge_input_is_refused_before_connecting(tmp_path, model_dir, case):
+    field, problem, fix = EDGE_CASES[case]
+    result = pyinfra(plannable(tmp_path, model_dir, edge_case(tmp_path, case)))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    # Named by the load balancer's setting, or by the clients file and the client.
+    assert field in out and problem in out and fix in out and "Traceback" not in out, out
+    assert "Loading inventory" in out and "Connecting to hosts" not in out, out
+    assert "vf-short" not in out and "vf-" + "a" * 40 not in out, "a refusal never shows a key"
