@@ -18,7 +18,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import paths, secrets
-from roles.plan import edge, settings
+from roles.plan import edge, forms, settings
 from roles.plan.edge import Client, EdgePlan
 from roles.plan.fleet import FleetPlan
 from roles.platform import install_packages
@@ -98,7 +98,7 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
         "keepalive": settings.value(data, "nginx_keepalive"),
         "client_max_body_size": settings.value(data, "nginx_client_max_body_size"),
         "connect_timeout": settings.value(data, "nginx_connect_timeout"),
-        "routes": [*settings.EDGE_ROUTES, *settings.value(data, "nginx_task_routes")],
+        "routes": [*forms.EDGE_ROUTES, *settings.value(data, "nginx_task_routes")],
     }
 
 

@@ -11,7 +11,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from roles.errors import FleetConfigError
-from roles.plan import settings
+from roles.plan import forms, settings
 
 if TYPE_CHECKING:
     from roles.plan.fleet import HostPlan, Instance
@@ -128,10 +128,10 @@ def advertised_address(host_name: str, data: Mapping[str, Any]) -> str:
     the host name; refused unless an IP address or host name (nginx and the drain probe take it)."""
     source = _address_source(data)
     address = str(data[source]) if source in data else host_name
-    if not settings.ADDRESS.test(address):
+    if not forms.ADDRESS.test(address):
         raise FleetConfigError(f"host {host_name}: `vllm_advertise_address`",
                                f"is unset, so the load balancer would reach the host at {address!r} ({source}), "
-                               f"which is not {settings.ADDRESS.what}.",
+                               f"which is not {forms.ADDRESS.what}.",
                                "set vllm_advertise_address to the address the load balancer reaches this host at.")
     return address
 
