@@ -22,7 +22,6 @@ from pyinfra.api.exceptions import PyinfraError
 from roles.errors import FleetConfigError
 from roles.plan.fleet import plan_inventory
 
-
 # Set while `vllm-fleet plan` loads an inventory: it plans capacity, so a fleet whose client keys
 # are not written yet can still be planned. Every deploy reads and checks the edge's secrets.
 _CAPACITY_ONLY: ContextVar[bool] = ContextVar("capacity_only", default=False)

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Mapping
 from roles.common import sha256_file
 from roles.errors import FleetConfigError
 from roles.plan import consistency, settings
+from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
-from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.model import ModelArch
 from roles.release.lock import Lock, lock_path, read_lock
