@@ -46,10 +46,18 @@ NFT := /usr/sbin/nft
 $(NFT):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables
 
-unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT)
+# promtool checks and unit-tests the alert rules. Debian's and Ubuntu's prometheus package ships it
+# and starts a Prometheus server, which a control node does not need: it is disabled at once
+# (where systemd runs; the package is new here, so no Prometheus of the operator's is touched).
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+	if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service; fi
+
+unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL)
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 
-test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT)
+test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL)
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"

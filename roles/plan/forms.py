@@ -73,6 +73,8 @@ SERVED_NAME = Form("1 to 128 letters, digits and ._:/- starting with a letter or
 RELATIVE_OR_ABSOLUTE_PATH = Form("a path of letters, digits and ._+- components (no whitespace, shell "
                                  "metacharacters or '..')", "inventories/secrets/prod",
                                  _pattern(r"/?(?!\.\.?(/|$))[A-Za-z0-9._+-]+(/(?!\.\.?(/|$))[A-Za-z0-9._+-]+)*"))
+DURATION = Form("a Prometheus duration: a number and one of s, m, h, d, w, y (e.g. 15d)", "15d",
+                 _pattern(r"\d+[smhdwy]"))
 NGINX_SIZE = Form("an nginx size: a number, optionally followed by k, m or g", "64m",
                   _pattern(r"\d+[kKmMgG]?"))
 # The edge always serves these; a model's task may need more of vLLM's OpenAI routes (an

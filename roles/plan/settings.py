@@ -22,6 +22,7 @@ from roles.plan.forms import (
     ADDRESS,
     COMMIT,
     CPU_LIST,
+    DURATION,
     EDGE_ROUTES,
     ENGINE_ARG,
     FILE_NAME,
@@ -40,7 +41,7 @@ from roles.plan.forms import (
 )
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
-ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_")
+ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_", "monitor_")
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,33 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("firewall_allow_tcp", list, [],
             "Further TCP ports this host accepts from anywhere (services of your own); the firewall drops the rest.",
             item=int, minimum=1, maximum=65535),
-
+    # --- monitoring (roles/monitor.py; hosts of the `monitor` group) ---------------------------------------
+    Setting("monitor_retention", str, "15d", "How long Prometheus keeps samples (--storage.tsdb.retention.time).",
+            form=DURATION),
+    Setting("monitor_storage_path", str, "/var/lib/prometheus/metrics2",
+            "Where Prometheus keeps its samples on the monitor host.", form=ABSOLUTE_PATH),
+    Setting("monitor_scrape_interval", int, 15, "Seconds between two scrapes of every target.", minimum=1,
+            maximum=300),
+    Setting("monitor_webhook_url", str, None,
+            "Where Alertmanager sends alerts (its webhook receiver, e.g. your chat or paging bridge); unset: alerts "
+            "are only shown in Alertmanager.", form=URL),
+    Setting("monitor_gpu_exporter", str, "textfile",
+            "How GPU hosts report NVML readings: textfile (gpu_probe.py through the node exporter's textfile "
+            "collector) or dcgm (dcgm-exporter, from your NVIDIA repository).", choices=("textfile", "dcgm")),
+    Setting("monitor_queue_waiting_max", int, 10,
+            "Alert when an instance has more requests waiting (vllm:num_requests_waiting) for 5 minutes.", minimum=1),
+    Setting("monitor_kv_cache_usage_max", float, 0.95,
+            "Alert when an instance's KV cache is fuller than this fraction for 5 minutes.", above=0, maximum=1),
+    Setting("monitor_ttft_p95_max_s", float, 2.0, "Alert when the fleet's time to first token p95 is above this "
+            "(seconds) for 10 minutes: the SLO.", above=0),
+    Setting("monitor_itl_p95_max_s", float, 0.2, "Alert when the inter-token latency p95 is above this (seconds) "
+            "for 10 minutes: the SLO.", above=0),
+    Setting("monitor_lb_5xx_ratio_max", float, 0.05,
+            "Alert when more than this share of the edge's responses are 5xx for 5 minutes.", above=0, maximum=1),
+    Setting("monitor_gpu_temperature_max_c", int, 85, "Alert when a GPU is hotter than this (Celsius) for 5 minutes.",
+            minimum=1),
+    Setting("monitor_disk_free_min", float, 0.10,
+            "Alert when the model cache's file system has less than this fraction free.", above=0, maximum=1),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
