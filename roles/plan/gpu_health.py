@@ -70,6 +70,9 @@ def _cuda_number(version: str) -> int:
 
 def gpu_checks(gpu: Mapping[str, Any], expect: GpuExpectation) -> list[Check]:
     i = gpu["index"]
+    if "error" in gpu:
+        # NVML counts the GPU but cannot open it (fallen off the bus, XID 79): nothing else to read.
+        return [Check("readable", False, f"NVML cannot read it: {gpu['error']}", i)]
     checks = [Check("model", expect.model in gpu["name"], f"{gpu['name']} (expected {expect.model})", i)]
     if expect.memory_bytes:
         off = abs(gpu["memory_total_bytes"] - expect.memory_bytes) / expect.memory_bytes

@@ -35,6 +35,13 @@ def test_uncorrectable_ecc_error_fails(readings):
     assert failing(health_checks(bad, H200)) == {"ecc uncorrected volatile"}
 
 
+def test_a_gpu_nvml_cannot_open_fails_without_a_crash(readings):
+    bad = copy.deepcopy(readings)
+    bad["gpus"][0] = {"index": 0, "error": "GPU is lost"}
+    checks = health_checks(bad, H200)
+    assert failing(checks) == {"readable"} and "GPU is lost" in table("h200", checks)
+
+
 def test_wrong_gpu_count_fails(readings):
     assert failing(health_checks(readings, GpuExpectation(count=2, model="H200"))) == {"gpu count"}
 
