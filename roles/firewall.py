@@ -11,17 +11,15 @@ table off the host.
 
 from __future__ import annotations
 
-import hashlib
-import shlex
 from io import StringIO
 
 import jinja2
 from pyinfra import host
-from pyinfra.api import FactBase, FileUploadCommand, StringCommand, deploy, operation
-from pyinfra.facts.files import Sha1File
+from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server, systemd
 
 from roles import paths
+from roles.checked_files import checked_file
 from roles.plan.firewall import TABLE, FirewallPlan
 from roles.platform import install_packages
 
@@ -87,21 +85,6 @@ class SshPorts(FactBase):
         return sorted(int(p) for p in ports if p.isdigit() and 1 <= int(p) <= 65535)
 
 
-@operation()
-def checked_rules(text: str, path: str):
-    """Write the rules to ``path`` only once ``nft -c`` accepts them: uploaded beside it, checked
-    against the running kernel, then moved over it. A rejected render stops the deploy with the
-    running rules and the file as they were."""
-    if host.get_fact(Sha1File, path=path) == hashlib.sha1(text.encode()).hexdigest():
-        host.noop(f"{path} holds these rules")
-        return
-    staged = f"{path}.new"
-    yield FileUploadCommand(StringIO(text), staged)
-    yield StringCommand(f"chmod 644 {shlex.quote(staged)}")
-    yield StringCommand(f"{NFT} -c -f {shlex.quote(staged)}")
-    yield StringCommand(f"mv -f {shlex.quote(staged)} {shlex.quote(path)}")
-
-
 @deploy("Host firewall")
 def host_firewall(plan: FirewallPlan | None):
     """The firewall ``plan`` describes, or none where it is None (firewall_enabled: false)."""
@@ -111,8 +94,8 @@ def host_firewall(plan: FirewallPlan | None):
     plan = plan.with_ssh_ports(host.get_fact(SshPorts))
     install_packages("Install nftables", ["nftables"])
     files.directory(name="Directory of the firewall rules", path=paths.FIREWALL_RULES.rsplit("/", 1)[0])
-    rules = checked_rules(name="Render the firewall rules (checked with nft -c first)", text=render_rules(plan),
-                          path=paths.FIREWALL_RULES)
+    rules = checked_file(name="Render the firewall rules (checked with nft -c first)", text=render_rules(plan),
+                         path=paths.FIREWALL_RULES, check=f"{NFT} -c -f {{}}")
     unit = files.put(name=f"Install {paths.FIREWALL_UNIT}", src=StringIO(render_unit()),
                      dest=paths.FIREWALL_UNIT_FILE, mode="644")
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
