@@ -17,10 +17,12 @@ from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.facts.files import File, Sha256File
 
 
-def upload_commands(content: str, dest: str):
-    """The commands that put ``content`` at ``dest`` (mode 0600, owned by root) in one rename."""
+def upload_commands(content: str, dest: str, group: str = "root"):
+    """The commands that put ``content`` at ``dest`` (owned by root, mode 0600; 0640 when a
+    service's ``group`` reads it) in one rename."""
     staged, dest_q = shlex.quote(f"{dest}.upload"), shlex.quote(dest)
-    yield StringCommand(f"install -m 600 /dev/null {staged}")
+    mode_and_group = "-m 600" if group == "root" else f"-m 640 -g {shlex.quote(group)}"
+    yield StringCommand(f"install {mode_and_group} /dev/null {staged}")
     via = None
     if (host.current_op_global_arguments or {}).get("_sudo"):
         via = host.get_temp_filename(dest)
@@ -30,12 +32,14 @@ def upload_commands(content: str, dest: str):
 
 
 @operation()
-def private_file(path: str, content: str):
-    """``content`` at ``path``, root-only, unless it is there already (compared by digest, so the
-    secret never travels back either)."""
+def private_file(path: str, content: str, group: str = "root"):
+    """``content`` at ``path``, readable by root (and ``group``) alone, unless it is there already
+    (compared by digest, so the secret never travels back either)."""
     digest = hashlib.sha256(content.encode()).hexdigest()
     info = host.get_fact(File, path=path)
-    if info and host.get_fact(Sha256File, path=path) == digest and info["mode"] == 600 and info["user"] == "root":
+    mode = 600 if group == "root" else 640
+    if info and host.get_fact(Sha256File, path=path) == digest and (info["mode"], info["user"], info["group"]) == \
+            (mode, "root", group):
         host.noop(f"{path} is up to date")
         return
-    yield from upload_commands(content, path)
+    yield from upload_commands(content, path, group)

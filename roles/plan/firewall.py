@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from roles.errors import FleetConfigError
 from roles.plan import consistency, settings
+from roles.plan.monitoring import NGINX_EXPORTER_PORT, NODE_EXPORTER_PORT
 
 if TYPE_CHECKING:
     from roles.plan.fleet import FleetPlan
@@ -54,6 +55,9 @@ class FirewallPlan:
     open_tcp: tuple[int, ...]  # open to everyone: the edge's ports on load balancers, firewall_allow_tcp
     instance_ports: tuple[int, ...]  # open to ``sources`` only
     sources: tuple[Source, ...] = ()
+    # Exporters (node, nginx) the monitoring hosts scrape: open to ``monitor_sources`` only.
+    exporter_ports: tuple[int, ...] = ()
+    monitor_sources: tuple[Source, ...] = ()
 
     @property
     def sources_v4(self) -> tuple[str, ...]:
@@ -62,6 +66,14 @@ class FirewallPlan:
     @property
     def sources_v6(self) -> tuple[str, ...]:
         return tuple(s.address for s in self.sources if s.version == 6)
+
+    @property
+    def monitor_sources_v4(self) -> tuple[str, ...]:
+        return tuple(s.address for s in self.monitor_sources if s.version == 4)
+
+    @property
+    def monitor_sources_v6(self) -> tuple[str, ...]:
+        return tuple(s.address for s in self.monitor_sources if s.version == 6)
 
     def with_ssh_ports(self, ports: Iterable[int]) -> FirewallPlan:
         """The plan with more SSH ports kept open: those the host's sshd listens on, read from the
@@ -130,8 +142,8 @@ def _refuse_open_instance_ports(host_name: str, instance_ports: Iterable[int],
 
 
 def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, instance_ports: Iterable[int] = (),
-                  lb_addresses: Iterable[PeerAddress] = (),
-                  monitor_sources: Iterable[PeerAddress] = ()) -> FirewallPlan | None:
+                  lb_addresses: Iterable[PeerAddress] = (), monitor_sources: Iterable[PeerAddress] = (),
+                  exporter_ports: Iterable[int] = ()) -> FirewallPlan | None:
     """The firewall of one host, or None when ``firewall_enabled`` is false (the role then takes
     any vllm-fleet firewall off the host).
 
@@ -157,9 +169,13 @@ def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, insta
         for peer, role in peers:
             source = _source(host_name, peer, role)
             sources.setdefault(source.address, source)
+    exporters = tuple(sorted(set(exporter_ports)))
+    monitors = {s.address: s for s in (_source(host_name, p, "monitoring host") for p in monitor_sources)} \
+        if exporters else {}
     return FirewallPlan(host=host_name, ssh_ports=(ssh,),
                         open_tcp=tuple(sorted({port for port, _ in opened} - {ssh})),
-                        instance_ports=ports, sources=tuple(sources.values()))
+                        instance_ports=ports, sources=tuple(sources.values()),
+                        exporter_ports=exporters if monitors else (), monitor_sources=tuple(monitors.values()))
 
 
 def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addresses: Iterable[PeerAddress],
@@ -167,6 +183,9 @@ def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addr
     """``plan_firewall`` for a host of a ``FleetPlan`` (``fleet``): its instances' ports, and
     whether it is a load balancer, come from the plan."""
     host_plan = fleet.host(host_name)
-    return plan_firewall(host_name, data, is_lb=host_name in fleet.lb_hosts,
+    is_lb = host_name in fleet.lb_hosts
+    # Every host runs a node exporter when there is a monitoring host; load balancers an nginx one.
+    exporters = [NODE_EXPORTER_PORT, *([NGINX_EXPORTER_PORT] if is_lb else [])]
+    return plan_firewall(host_name, data, is_lb=is_lb,
                          instance_ports=[i.port for i in host_plan.instances] if host_plan else (),
-                         lb_addresses=lb_addresses, monitor_sources=monitor_sources)
+                         lb_addresses=lb_addresses, monitor_sources=monitor_sources, exporter_ports=exporters)

@@ -23,6 +23,7 @@ from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.model import ModelArch
+from roles.plan.monitoring import MonitorPlan, plan_monitoring
 from roles.release.lock import Lock, lock_path, read_lock
 from roles.release.manifest import Release, load_release
 
@@ -34,6 +35,7 @@ HF_CACHE = Path("~/.cache/huggingface/hub").expanduser()
 # The groups a fleet inventory defines: vLLM hosts, and the host(s) running the load balancer.
 VLLM_GROUP = "vllm"
 LB_GROUP = "lb"
+MONITOR_GROUP = "monitor"
 
 # A local model directory's name becomes a folder name on hosts and, by default, the served name.
 MODEL_DIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -122,6 +124,8 @@ class FleetPlan:
     # deploy (``with_edge``); None and empty when only capacity was planned (`vllm-fleet plan`).
     edges: tuple[tuple[str, EdgePlan], ...] = ()
     firewalls: tuple[tuple[str, FirewallPlan | None], ...] = ()
+    # Prometheus's targets, when the inventory has a monitor group.
+    monitoring: MonitorPlan | None = None
 
     @property
     def upstreams(self) -> list[str]:
@@ -382,14 +386,19 @@ def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
     if not with_edge:
         return plan
     return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
-                                   [(h.name, h.data.dict()) for h in inventory], Path.cwd())
+                                   [(h.name, h.data.dict()) for h in inventory], Path.cwd(),
+                                   [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])])
 
 
 def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[str, Any]]],
-                            hosts: list[tuple[str, Mapping[str, Any]]], base_dir: Path) -> FleetPlan:
-    """``plan`` with its edge (clients, keys, TLS; read from the load balancers' secrets folder)
-    and the firewall of every host of the inventory."""
+                            hosts: list[tuple[str, Mapping[str, Any]]], base_dir: Path,
+                            monitor_hosts: Iterable[str] = ()) -> FleetPlan:
+    """``plan`` with its edge (clients, keys, TLS; read from the load balancers' secrets folder),
+    its monitoring (when ``monitor_hosts``) and the firewall of every host of the inventory."""
     edges = plan_fleet_edge(lb_hosts, base_dir)
     lb_addresses = peer_addresses(lb_hosts)
-    return replace(plan, edges=edges, firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses))
-                                                    for name, data in hosts))
+    monitors = tuple(monitor_hosts)
+    monitor_addresses = peer_addresses((name, data) for name, data in hosts if name in monitors)
+    return replace(plan, edges=edges, monitoring=plan_monitoring(plan, hosts, monitors),
+                   firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses, monitor_addresses))
+                                   for name, data in hosts))
