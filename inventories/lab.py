@@ -52,6 +52,10 @@ vllm = [
 lb = [(_lab["hosts"][0]["name"], {"ssh_hostname": _lab["hosts"][0]["address"], **_ssh,
                                   "nginx_secrets_dir": str(STATE_DIR / "secrets")})]
 
+# Prometheus and Alertmanager on the last lab host (lab2 of two): it scrapes every instance, every
+# host's node exporter and lab1's nginx exporter.
+monitor = [(_lab["hosts"][-1]["name"], {"ssh_hostname": _lab["hosts"][-1]["address"], **_ssh})]
+
 # Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused
 # here, before pyinfra connects to any host.
 plan_before_connecting(globals())

@@ -21,6 +21,7 @@ from roles import paths, secrets
 from roles.plan import edge, forms, settings
 from roles.plan.edge import Client, EdgePlan
 from roles.plan.fleet import FleetPlan
+from roles.plan.monitoring import STUB_STATUS_PORT
 from roles.platform import install_packages
 from roles.private_files import private_file
 
@@ -92,6 +93,7 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
         "server_name": edge.server_name(lb_name, data),
         "listen_port": settings.value(data, "nginx_listen_port"),
         "http_redirect_port": settings.value(data, "nginx_http_redirect_port"),
+        "stub_status_port": STUB_STATUS_PORT if plan.monitoring else None,
         "read_timeout": settings.value(data, "nginx_read_timeout"),
         "max_fails": settings.value(data, "nginx_max_fails"),
         "fail_timeout": settings.value(data, "nginx_fail_timeout"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from roles import firewall, nginx, nvidia, paths, rollout, secrets, smoke, vllm
+from roles import firewall, monitor, nginx, nvidia, paths, rollout, secrets, smoke, vllm
 from roles.plan.fleet import FleetPlan, HostPlan
 
 
@@ -25,6 +25,16 @@ def _warn_tight_fits(host_plan: HostPlan) -> None:
     for inst in host_plan.instances:
         for warning in inst.fit.warnings:
             logger.warning(f"{host.print_prefix}instance {inst.name}: {warning}")
+
+
+def _monitoring(plan: FleetPlan) -> None:
+    """Exporters on every host (nginx's on load balancers), Prometheus and Alertmanager on the
+    monitor hosts."""
+    monitor.node_exporter()
+    if host.name in plan.lb_hosts:
+        monitor.nginx_exporter()
+    if host.name in plan.monitoring.hosts:
+        monitor.monitor_server(plan.monitoring, host.data.dict())
 
 
 @deploy("GPU onboarding")
@@ -58,5 +68,7 @@ def serve(plan: FleetPlan):
     if host_plan is not None:
         vllm.retire_removed_instances(host_plan)
         vllm.settle_release_link(host_plan, run)
+    if plan.monitoring is not None:
+        _monitoring(plan)
     smoke.fleet_smoke(name="Smoke test", plan=plan, data=host.data.dict())
     rollout.report(name="Fleet release report", rollout=run)

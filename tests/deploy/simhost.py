@@ -15,6 +15,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from unittest import mock
 
+import yaml
 from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.facts.deb import DebPackages
@@ -42,9 +43,9 @@ class SimulatedHost:
     the commands a deploy runs on it.
 
     Only the commands vllm-fleet's roles emit are understood (uploads, mkdir, chmod, ln, install
-    of an empty private file, mv, useradd, apt-get install, systemctl, nft, writing a digest
-    file); the point is a second run against exactly the state the first run left, not a shell
-    emulator. The fleet probe's commands are read by the probe's own argument parser.
+    of an empty private file, mv, useradd, apt-get install, systemctl, nft, promtool, writing a
+    digest file); the point is a second run against exactly the state the first run left, not a
+    shell emulator. The fleet probe's commands are read by the probe's own argument parser.
     """
 
     APT_STAMP = "/var/lib/apt/periodic/update-success-stamp"
@@ -73,6 +74,7 @@ class SimulatedHost:
         self.sshd = list(self.SSHD if sshd is None else sshd)  # what SshPorts' command prints: sshd -T, the connection
         self.table = False  # whether the kernel's ruleset holds vllm-fleet's table
         self.checked: list[str] = []  # files `nft -c` checked, in order
+        self.promtool: list[tuple[str, str]] = []  # (rules or config, file) promtool checked, in order
         self.smoked: list[argparse.Namespace] = []  # the smoke tests run, as the probe read their arguments
 
     @staticmethod
@@ -154,10 +156,11 @@ class SimulatedHost:
             kind, owner, mode, name = "d", self.dirs[path], self.dir_modes.get(path, 755), f"'{path}'"
         else:
             return []  # the command's test for the path fails: nothing printed
+        group = self.files.get(path, {}).get("group", owner)
         mtime = int(self.files.get(path, {}).get("mtime", datetime.now()).timestamp())
         perms = "".join("rwx"[i] if int(digit) & (4 >> i) else "-" for digit in f"{mode:03d}" for i in range(3))
         times = f"atime={mtime} mtime={mtime} ctime={mtime}"
-        return [f"user={owner} group={owner} mode={kind}{perms} {times} size=0 {name}"]
+        return [f"user={owner} group={group} mode={kind}{perms} {times} size=0 {name}"]
 
     def _systemctl_show(self, services, prop: str, on: set[str], values: tuple[str, str]) -> list[str]:
         """``systemctl show --property Id --property PROP UNIT...``: a block per unit asked for, or
@@ -261,7 +264,8 @@ class SimulatedHost:
         src = command.src
         data = Path(src).read_bytes() if isinstance(src, str) else _io_bytes(src)
         before = self.files.get(command.dest, {"mode": 644, "user": "root"})
-        self.files[command.dest] = _file(data, mode=before["mode"], user=before["user"])
+        self.files[command.dest] = _file(data, mode=before["mode"], user=before["user"],
+                                         group=before.get("group", before["user"]))
         self.uploads.append((command.dest, before["mode"], data.decode(errors="replace")))
 
     def _shell(self, argv: list[str]) -> None:
@@ -300,19 +304,13 @@ class SimulatedHost:
                 for f in [f for f in self.files if f == path or f.startswith(path + "/")]:
                     del self.files[f]
         elif "DEBIAN_FRONTEND=noninteractive" in cmd and "install" in args:
-            for name in args[args.index("install") + 1:]:
-                if not name.startswith("-") and "=" not in name and name != "-o":
-                    self.packages[name] = ["1.0"]
-                    if name.startswith(("nvidia-headless-", "nvidia-driver-cuda")):
-                        self.gpu.installed = self._pinned_driver()
-                    if name == "nginx":  # Debian's and Ubuntu's package: default site, enabled and started
-                        self.links["/etc/nginx/sites-enabled/default"] = "/etc/nginx/sites-available/default"
-                        self.running.add("nginx.service")
-                        self.enabled.add("nginx.service")
+            self._apt_install(args[args.index("install") + 1:])
         elif cmd == "install":
             self._install(args)
         elif Path(cmd).name == "nft":
             self._nft(args)
+        elif cmd == "promtool":
+            self._promtool(args)
         elif cmd == "python3" and args[:2] == [paths.FLEET_PROBE_PATH, "wait"]:
             unit = probe_args(argv).unit
             assert "--address" in args, f"the wait would ask loopback, where {unit} does not listen: {argv}"
@@ -326,10 +324,32 @@ class SimulatedHost:
             self.gpu.holds.update(args[1:])
         elif cmd == "reboot" or cmd == "modprobe" and args == ["nvidia"]:
             self.gpu.loaded, self.gpu.nouveau_loaded = self.gpu.installed, False
-        elif cmd == "systemctl" and args[:2] == ["enable", "--now"]:
+        elif cmd == "systemctl":
+            self._systemctl(args)
+
+    def _apt_install(self, args: list[str]) -> None:
+        """``apt-get ... install [OPTIONS] PACKAGE...``: each package installed, with what its
+        maintainer scripts do (``PACKAGE_EFFECTS``)."""
+        for name in args:
+            if name.startswith("-") or "=" in name or name == "-o":
+                continue
+            self.packages[name] = ["1.0"]
+            if name.startswith(("nvidia-headless-", "nvidia-driver-cuda")):
+                self.gpu.installed = self._pinned_driver()
+            effects = PACKAGE_EFFECTS.get(name, {})
+            for user in effects.get("users", ()):
+                self.users.setdefault(user, self._user(f"/var/lib/{user}", "/usr/sbin/nologin", user))
+            for folder in effects.get("dirs", ()):
+                self.dirs.setdefault(folder, "root")
+            self.links.update(effects.get("links", {}))
+            self.running.update(effects.get("services", ()))
+            self.enabled.update(effects.get("services", ()))
+
+    def _systemctl(self, args: list[str]) -> None:
+        if args[:2] == ["enable", "--now"]:
             self.enabled.add(args[2] + ".service")
             self.running.add(args[2] + ".service")
-        elif cmd == "systemctl" and len(args) == 2:
+        elif len(args) == 2:
             action, unit = args
             if action in ("start", "restart", "reload", "reload-or-restart"):
                 self.running.add(unit)
@@ -344,12 +364,16 @@ class SimulatedHost:
                 self.enabled.discard(unit)
 
     def _install(self, args: list[str]) -> None:
-        """``install -m MODE [-o OWNER] /dev/null PATH``: an empty file, created with its mode (and
-        owner) before anything is written into it. No other use of install is expected."""
+        """``install -m MODE [-o OWNER] [-g GROUP] /dev/null PATH``: an empty file, created with its
+        mode (and owner and group) before anything is written into it. No other use of install is
+        expected."""
         opts = dict(zip(args[:-2:2], args[1:-2:2]))
-        assert args[-2] == "/dev/null" and set(opts) <= {"-m", "-o"} and "-m" in opts, f"unexpected install {args}"
-        owner = opts.get("-o", "root")
-        self.files[args[-1]] = _file(b"", mode=int(opts["-m"]), user="root" if owner == "${SUDO_USER:-root}" else owner)
+        assert args[-2] == "/dev/null" and set(opts) <= {"-m", "-o", "-g"} and "-m" in opts, \
+            f"unexpected install {args}"
+        owner, group = opts.get("-o", "root"), opts.get("-g", "root")
+        assert group in {u["group"] for u in self.users.values()}, f"install -g {group}: no such group here"
+        self.files[args[-1]] = _file(b"", mode=int(opts["-m"]), user="root" if owner == "${SUDO_USER:-root}" else owner,
+                                     group=group)
 
     def _nft(self, args: list[str]) -> None:
         """``nft -c -f FILE`` (checks the file, loads nothing) and ``nft delete table ...``."""
@@ -360,6 +384,33 @@ class SimulatedHost:
             self.table = False
         else:
             raise AssertionError(f"unexpected nft {args}")
+
+    def _promtool(self, args: list[str]) -> None:
+        """``promtool check rules FILE`` and ``promtool check config FILE`` (which loads the rule
+        files the configuration names: they must be in place already)."""
+        assert len(args) == 3 and args[:2] in (["check", "rules"], ["check", "config"]), f"unexpected promtool {args}"
+        kind, path = args[1], args[2]
+        assert path in self.files, f"promtool check {kind} {path}: no such file"
+        if kind == "config":
+            config = yaml.safe_load("\n".join(self.files[path]["lines"]))
+            for rules in config.get("rule_files") or ():
+                assert rules in self.files, f"promtool check config {path}: its rule file {rules} is not there"
+        self.promtool.append((kind, path))
+
+
+# What installing a package does besides putting its files, as Debian's and Ubuntu's maintainer
+# scripts do: services started and enabled, system users (each with its own group), folders, links.
+PACKAGE_EFFECTS: dict[str, dict] = {
+    "nginx": {"services": ["nginx.service"],
+              "links": {"/etc/nginx/sites-enabled/default": "/etc/nginx/sites-available/default"}},
+    "prometheus": {"services": ["prometheus.service"], "users": ["prometheus"],
+                   "dirs": ["/etc/prometheus", "/var/lib/prometheus"]},
+    "prometheus-alertmanager": {"services": ["prometheus-alertmanager.service"], "users": ["prometheus"],
+                                "dirs": ["/etc/prometheus", "/var/lib/prometheus"]},
+    "prometheus-node-exporter": {"services": ["prometheus-node-exporter.service"], "users": ["prometheus"],
+                                 "dirs": ["/var/lib/prometheus", "/var/lib/prometheus/node-exporter"]},
+    "prometheus-nginx-exporter": {"services": ["prometheus-nginx-exporter.service"], "users": ["prometheus"]},
+}
 
 
 @dataclass
