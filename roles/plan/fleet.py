@@ -17,11 +17,12 @@ from typing import Any, Iterable, Mapping
 
 from roles.common import sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import consistency, settings
+from roles.plan import alerts, consistency, settings
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.gpus import GpuSpec, gpu_spec
+from roles.plan.metrics import check_release_metrics
 from roles.plan.model import ModelArch
 from roles.plan.monitoring import MonitorPlan, plan_monitoring
 from roles.release.lock import Lock, lock_path, read_lock
@@ -390,6 +391,13 @@ def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
                                    [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])])
 
 
+def check_monitored_metrics(plan: FleetPlan, monitor_data: Mapping[str, Any], base_dir: Path) -> None:
+    """Every vLLM metric the alert rules use is one each host's release exposes."""
+    used = {f"templates/prometheus/{alerts.RULES_TEMPLATE}": alerts.metric_names(alerts.render_rules(monitor_data))}
+    for release, releases_dir in dict.fromkeys((h.release.name, h.get("vllm_releases_dir")) for h in plan.hosts):
+        check_release_metrics(release, base_dir / releases_dir, used)
+
+
 def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[str, Any]]],
                             hosts: list[tuple[str, Mapping[str, Any]]], base_dir: Path,
                             monitor_hosts: Iterable[str] = ()) -> FleetPlan:
@@ -399,6 +407,8 @@ def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[s
     lb_addresses = peer_addresses(lb_hosts)
     monitors = tuple(monitor_hosts)
     monitor_addresses = peer_addresses((name, data) for name, data in hosts if name in monitors)
+    if monitors:
+        check_monitored_metrics(plan, dict(hosts)[monitors[0]], base_dir)
     return replace(plan, edges=edges, monitoring=plan_monitoring(plan, hosts, monitors),
                    firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses, monitor_addresses))
                                    for name, data in hosts))

@@ -75,3 +75,20 @@ def test_monitoring_services_are_sandboxed_and_exporters_answer_the_monitor_only
     for host in lab["hosts"]:  # from the control node: dropped by the hosts' firewalls
         with pytest.raises(OSError):
             socket.create_connection((host["address"], 9100), timeout=3).close()
+
+
+def test_the_release_metrics_list_matches_a_live_instance(monitor_host):
+    """inventories/releases/NAME.metrics, which the plan checks the alert rules against, is what
+    an instance of the release serves now: a stale capture fails here."""
+    from roles.lab.config import load_state
+    from roles.plan.metrics import exposed_names, release_metrics
+    from tests.lab.labkit import REPO
+
+    lb = load_state()["hosts"][0]
+    release = ssh(lb["name"], "cat /opt/vllm-fleet/instances/a/.release")
+    page = ssh(lb["name"], "python3 -c \"import urllib.request as u; "
+                           f"print(u.urlopen('http://{lb['address']}:8001/metrics', timeout=30).read().decode())\"")
+    live = {name for name in exposed_names(page) if name.startswith("vllm:")}
+    listed = release_metrics(release, REPO / "inventories" / "releases")
+    print(f"\n{release}: {len(live)} vLLM sample names served, {len(listed)} listed")
+    assert live == listed, (sorted(live - listed), sorted(listed - live))
