@@ -263,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Where Alertmanager sends alerts (its webhook receiver, e.g. your chat or paging bridge); unset: alerts "
             "are only shown in Alertmanager.", form=URL),
     Setting("monitor_gpu_exporter", str, "textfile",
-            "How GPU hosts report NVML readings: textfile (gpu_probe.py through the node exporter's textfile "
+            "How GPU hosts report NVML readings: textfile (gpu_metrics.py through the node exporter's textfile "
             "collector) or dcgm (dcgm-exporter, from your NVIDIA repository).", choices=("textfile", "dcgm")),
     Setting("monitor_queue_waiting_max", int, 10,
             "Alert when an instance has more requests waiting (vllm:num_requests_waiting) for 5 minutes.", minimum=1),
