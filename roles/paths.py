@@ -13,6 +13,8 @@ CHECK_ENGINE_ARGS = HOST_SCRIPTS / "check_engine_args.py"
 GPU_PROBE = HOST_SCRIPTS / "gpu_probe.py"
 # The node exporter's GPU textfile; imports gpu_probe.py, so it is installed beside it.
 GPU_METRICS = HOST_SCRIPTS / "gpu_metrics.py"
+# The edge's textfile on load balancers: responses by status from nginx's log, upstreams' health.
+EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
 # Per-host JSON records of the NVML gate, relative to where pyinfra runs.
 LOCAL_GPU_RECORDS = Path(".cache/gpu-health")
 
@@ -25,6 +27,7 @@ FLEET_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/fleet_probe.py"
 CHECK_ENGINE_ARGS_PATH = f"{HOST_SCRIPTS_DIR}/check_engine_args.py"
 GPU_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/gpu_probe.py"
 GPU_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/gpu_metrics.py"
+EDGE_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/edge_metrics.py"
 # Written into a staged model or venv once it is complete; a folder without it is unfinished.
 DIGEST_FILE = ".vllm-fleet-digest"
 

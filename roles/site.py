@@ -28,11 +28,16 @@ def _warn_tight_fits(host_plan: HostPlan) -> None:
 
 
 def _monitoring(plan: FleetPlan) -> None:
-    """Exporters on every host (nginx's on load balancers), Prometheus and Alertmanager on the
-    monitor hosts."""
+    """Exporters on every host (nginx's on load balancers), the textfile timers (GPU readings on
+    NVIDIA hosts, the edge's responses and upstreams on load balancers), Prometheus and
+    Alertmanager on the monitor hosts."""
     monitor.node_exporter()
+    host_plan = plan.host(host.name)
+    if host_plan is not None and host_plan.accelerator == "nvidia":
+        monitor.gpu_metrics(host_plan)
     if host.name in plan.lb_hosts:
         monitor.nginx_exporter()
+        monitor.edge_metrics(plan.upstreams, host.data.dict())
     if host.name in plan.monitoring.hosts:
         monitor.monitor_server(plan.monitoring, host.data.dict())
 

@@ -264,7 +264,8 @@ SETTINGS: tuple[Setting, ...] = (
             "are only shown in Alertmanager.", form=URL),
     Setting("monitor_gpu_exporter", str, "textfile",
             "How GPU hosts report NVML readings: textfile (gpu_metrics.py through the node exporter's textfile "
-            "collector) or dcgm (dcgm-exporter, from your NVIDIA repository).", choices=("textfile", "dcgm")),
+            "collector, every monitor_scrape_interval); dcgm (dcgm-exporter) is not built yet and is refused.",
+            choices=("textfile", "dcgm")),
     Setting("monitor_queue_waiting_max", int, 10,
             "Alert when an instance has more requests waiting (vllm:num_requests_waiting) for 5 minutes.", minimum=1),
     Setting("monitor_kv_cache_usage_max", float, 0.95,

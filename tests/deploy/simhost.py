@@ -37,6 +37,8 @@ from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from roles import facts, firewall, paths
 from roles.files import fleet_probe  # a script the roles copy to hosts; its own parser reads the commands
 
+UNIT_DIR = "/etc/systemd/system"
+
 
 class SimulatedHost:
     """A host's state, read by facts through what their commands would print, and updated by
@@ -76,6 +78,8 @@ class SimulatedHost:
         self.checked: list[str] = []  # files `nft -c` checked, in order
         self.promtool: list[tuple[str, str]] = []  # (rules or config, file) promtool checked, in order
         self.smoked: list[argparse.Namespace] = []  # the smoke tests run, as the probe read their arguments
+        self.loaded_units: dict[str, str] = {}  # unit file -> its sha1 when systemd last loaded it
+        self.oneshots: list[str] = []  # oneshot services run (started, then done), in order
 
     @staticmethod
     def _user(home, shell, group):
@@ -346,15 +350,15 @@ class SimulatedHost:
             self.enabled.update(effects.get("services", ()))
 
     def _systemctl(self, args: list[str]) -> None:
-        if args[:2] == ["enable", "--now"]:
+        if args == ["daemon-reload"]:
+            self.loaded_units = {p: f["sha1"] for p, f in self.files.items() if Path(p).parent == Path(UNIT_DIR)}
+        elif args[:2] == ["enable", "--now"]:
             self.enabled.add(args[2] + ".service")
             self.running.add(args[2] + ".service")
         elif len(args) == 2:
             action, unit = args
             if action in ("start", "restart", "reload", "reload-or-restart"):
-                self.running.add(unit)
-                # The firewall unit's ExecStart and ExecReload load the rules file: the table.
-                self.table = self.table or unit == paths.FIREWALL_UNIT
+                self._start(unit)
             elif action == "enable":
                 self.enabled.add(unit)
             elif action == "stop":
@@ -362,6 +366,22 @@ class SimulatedHost:
                 self.table = self.table and unit != paths.FIREWALL_UNIT  # its ExecStop deletes the table
             elif action == "disable":
                 self.enabled.discard(unit)
+
+    def _start(self, unit: str) -> None:
+        """A unit of the deploy's own starts as systemd last loaded it: no change to its file since
+        the last daemon-reload. A timer's service must be there; a oneshot service runs and is done
+        (``oneshots``), nothing left running, unless it remains active after it exited."""
+        path = f"{UNIT_DIR}/{unit}"
+        if path in self.files:
+            assert self.loaded_units.get(path) == self.files[path]["sha1"], \
+                f"systemctl start {unit}: its file changed after the last daemon-reload"
+            assert not unit.endswith(".timer") or path.replace(".timer", ".service") in self.loaded_units, unit
+            if "Type=oneshot" in self.files[path]["lines"] and "RemainAfterExit=yes" not in self.files[path]["lines"]:
+                self.oneshots.append(unit)
+                return
+        self.running.add(unit)
+        # The firewall unit's ExecStart and ExecReload load the rules file: the table.
+        self.table = self.table or unit == paths.FIREWALL_UNIT
 
     def _install(self, args: list[str]) -> None:
         """``install -m MODE [-o OWNER] [-g GROUP] /dev/null PATH``: an empty file, created with its
