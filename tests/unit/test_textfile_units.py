@@ -4,15 +4,13 @@ network to the instances; both write the textfile directory and their own state 
 without any capability; the timers follow the scrape interval. Where this machine's
 systemd-analyze can score a unit file offline, it finds no unknown setting and a low exposure."""
 
-import re
 import shlex
-import shutil
-import subprocess
 
 import pytest
 
 from roles import monitor, paths
 from roles.plan.fleet import HostPlan
+from tests.unit.systemd_units import offline_exposure, service
 
 EXPOSURE_TARGET = 2.0
 
@@ -25,19 +23,6 @@ class _Plan:
                      **data}
 
     get = HostPlan.get
-
-
-def service(text: str) -> dict[str, list[str]]:
-    """[Service] settings of a unit, every assignment of a key in order."""
-    settings: dict[str, list[str]] = {}
-    section = None
-    for line in text.splitlines():
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif section == "Service" and "=" in line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            settings.setdefault(key, []).append(value)
-    return settings
 
 
 def units():
@@ -105,17 +90,8 @@ def test_the_units_render_clean(kind):
 
 @pytest.mark.parametrize("kind", ["gpu", "edge"])
 def test_exposure_is_within_the_target(kind, tmp_path):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("no systemd-analyze on this machine")
-    if "--offline" not in subprocess.run([analyze, "--help"], check=False, capture_output=True, text=True).stdout:
-        pytest.skip("this systemd-analyze cannot score a unit file offline (--offline needs systemd 250+)")
     name = {"gpu": monitor.GPU_METRICS_UNIT, "edge": monitor.EDGE_METRICS_UNIT}[kind]
     unit_file = tmp_path / f"{name}.service"
     unit_file.write_text(units()[kind][0])
-    done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit_file)],
-                          check=False, capture_output=True, text=True, timeout=60)
-    # Unknown keys and unparsable values are ignored by systemd, and would go unnoticed otherwise.
-    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
-    match = re.search(rf"Overall exposure level for {re.escape(name)}\.service: (\d+(?:\.\d+)?)", done.stdout)
-    assert match and float(match.group(1)) <= EXPOSURE_TARGET, done.stdout
+    exposure, report = offline_exposure(unit_file)
+    assert exposure <= EXPOSURE_TARGET, report

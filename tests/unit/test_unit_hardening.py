@@ -1,15 +1,13 @@
 """The sandbox of vllm@.service: both accelerator variants, rendered from the template the deploy
 uploads, and (where this machine's systemd-analyze can score a unit file offline) their exposure."""
 
-import re
-import shutil
-import subprocess
 
 import pytest
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, UndefinedError
 from pyinfra.api.util import get_template
 
 from roles import paths
+from tests.unit.systemd_units import offline_exposure, service
 
 TEMPLATE = "vllm@.service.j2"
 # What roles/vllm.py passes to files.template (install and data dirs at their defaults).
@@ -24,19 +22,6 @@ def render(accelerator: str, **overrides) -> str:
     # pyinfra's environment for files.template: StrictUndefined, keep_trailing_newline, no trimming.
     env = Environment(loader=FileSystemLoader(paths.TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
     return env.get_template(TEMPLATE).render(**{**VARS, **overrides, "accelerator": accelerator})
-
-
-def service(text: str) -> dict[str, list[str]]:
-    """[Service] settings of a unit, every assignment of a key in order."""
-    settings: dict[str, list[str]] = {}
-    section = None
-    for line in text.splitlines():
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif section == "Service" and "=" in line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            settings.setdefault(key, []).append(value)
-    return settings
 
 
 def test_gpu_variant_opens_the_nvidia_devices_and_nothing_else():
@@ -113,22 +98,9 @@ def test_pyinfra_renders_the_same_clean_unit(accelerator):
 
 
 def offline_security(accelerator: str, tmp_path) -> tuple[float, str]:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("no systemd-analyze on this machine")
-    usage = subprocess.run([analyze, "--help"], check=False, capture_output=True, text=True).stdout
-    if "--offline" not in usage:
-        pytest.skip("this systemd-analyze cannot score a unit file offline (--offline needs systemd 250+)")
     unit_file = tmp_path / "vllm@a.service"
     unit_file.write_text(render(accelerator))
-    done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit_file)],
-                          check=False, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    # Unknown keys and unparsable values are ignored by systemd, and would go unnoticed here.
-    assert not done.stderr.strip(), done.stderr
-    match = re.search(r"Overall exposure level for vllm@a\.service: (\d+(?:\.\d+)?)", done.stdout)
-    assert match, done.stdout
-    return float(match.group(1)), done.stdout
+    return offline_exposure(unit_file)
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
