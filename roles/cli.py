@@ -270,10 +270,10 @@ random-weight Llama, so its words are noise; the plumbing is real.
 
   export OPENAI_API_KEY=$(vllm-fleet keys show {lab_secrets()} {LAB_CLIENT})
   curl -s --cacert {ca} {base_url}/models -H "Authorization: Bearer $OPENAI_API_KEY"
-  curl -s --cacert {ca} {base_url}/completions -H "Authorization: Bearer $OPENAI_API_KEY" \
+  curl -s --cacert {ca} {base_url}/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
        -H 'Content-Type: application/json' -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  curl -sN --cacert {ca} {base_url}/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \
-       -H 'Content-Type: application/json' \
+  curl -sN --cacert {ca} {base_url}/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
+       -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'
 
   import os, ssl
