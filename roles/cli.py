@@ -51,6 +51,55 @@ def plan(args) -> int:
     return 0
 
 
+# Run on the monitor host, where Prometheus listens on loopback: every status query, one JSON answer.
+_STATUS_SCRIPT = ("import json, sys, urllib.parse, urllib.request as u\n"
+                  "answers = {}\n"
+                  "for column, query in json.loads(sys.argv[2]).items():\n"
+                  "    url = 'http://' + sys.argv[1] + '/api/v1/query?query=' + urllib.parse.quote(query, safe='')\n"
+                  "    answers[column] = json.load(u.urlopen(url, timeout=30))['data']['result']\n"
+                  "print(json.dumps(answers))\n")
+
+
+def status(args) -> int:
+    """Ask the fleet's Prometheus, on the first monitor host (through pyinfra's own connection to
+    it, with the inventory's ssh settings), and print the instances' state."""
+    import json
+    import shlex
+
+    from pyinfra.api import Config, State, StringCommand
+    from pyinfra.context import ctx_host, ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from roles.plan.fleet import MONITOR_GROUP
+    from roles.plan.monitoring import PROMETHEUS_ADDRESS
+    from roles.plan.status import QUERIES, table
+    from roles.preflight import capacity_only
+
+    if not Path(args.inventory).is_file():
+        raise FleetConfigError("`vllm-fleet status INVENTORY`", f"{args.inventory} is not a file.",
+                               "give a pyinfra inventory file, e.g. inventories/lab.py.")
+    state = State()
+    with ctx_state.use(state), capacity_only():
+        inventory = make_inventory(args.inventory, cwd=os.getcwd())
+    monitors = inventory.get_group(MONITOR_GROUP, default=[])
+    if not monitors:
+        raise FleetConfigError(f"inventory group `{MONITOR_GROUP}`", "has no hosts: the status view reads the "
+                               "fleet's Prometheus, which runs on the monitor hosts.",
+                               "add a monitor group to the inventory and deploy (README: Monitoring).")
+    state.init(inventory, Config())
+    host = monitors[0]
+    command = shlex.join(["python3", "-c", _STATUS_SCRIPT, PROMETHEUS_ADDRESS, json.dumps(QUERIES)])
+    with ctx_state.use(state), ctx_host.use(host):
+        host.connect(raise_exceptions=True)
+        ok, output = host.run_shell_command(StringCommand(command))
+        host.disconnect()
+    if not ok:
+        print(f"status: Prometheus on {host.name} did not answer: {output.stderr}", file=sys.stderr)
+        return 1
+    print(f"as Prometheus on {host.name} sees the fleet:\n{table(json.loads(output.stdout))}")
+    return 0
+
+
 def show_settings(args) -> int:
     if args.name is None:
         print(settings.describe())
@@ -303,6 +352,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plan", help="the capacity plan of a fleet, without connecting to any host")
     p.add_argument("inventory", help="a pyinfra inventory file, e.g. inventories/prod.py")
     p.set_defaults(run=plan)
+    p = commands.add_parser("status", help="each instance's health, release, load, KV cache, tokens/s and TTFT, "
+                                           "from the fleet's Prometheus")
+    p.add_argument("inventory", help="a pyinfra inventory file with a monitor group, e.g. inventories/lab.py")
+    p.set_defaults(run=status)
     p = commands.add_parser("settings", help="every setting, its type, default and meaning")
     p.add_argument("name", nargs="?", help="only this setting")
     p.set_defaults(run=show_settings)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from roles.common import sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import alerts, consistency, dashboard, settings
+from roles.plan import alerts, consistency, dashboard, settings, status
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
@@ -394,7 +394,8 @@ def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
 def check_monitored_metrics(plan: FleetPlan, monitor_data: Mapping[str, Any], base_dir: Path) -> None:
     """Every vLLM metric the alert rules and the dashboard use is one each host's release exposes."""
     used = {f"templates/prometheus/{alerts.RULES_TEMPLATE}": alerts.metric_names(alerts.render_rules(monitor_data)),
-            dashboard.DASHBOARD_NAME: dashboard.metric_names(dashboard.load_dashboard())}
+            dashboard.DASHBOARD_NAME: dashboard.metric_names(dashboard.load_dashboard()),
+            "roles/plan/status.py": status.metric_names()}
     for release, releases_dir in dict.fromkeys((h.release.name, h.get("vllm_releases_dir")) for h in plan.hosts):
         check_release_metrics(release, base_dir / releases_dir, used)
 

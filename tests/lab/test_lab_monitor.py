@@ -189,3 +189,18 @@ def test_every_dashboard_query_and_alert_metric_returns_data_after_traffic(monit
     print(f"\n{len(panels)} dashboard queries and {len(metrics)} alert-rule metrics checked against Prometheus "
           f"(GPU ones left to the fixtures): {len(empty)} empty panels, {len(missing)} metrics without series")
     assert empty == [] and missing == [], (empty, missing)
+
+
+def test_the_status_view_shows_every_instance_up_with_its_release(monitor_host):
+    import subprocess
+    import sys
+
+    from tests.lab.labkit import REPO
+
+    done = subprocess.run([sys.executable, "-m", "roles.cli", "status", "inventories/lab.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    print("\n" + done.stdout)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert sorted(row[0] for row in rows) == ["lab1:a", "lab1:b", "lab2:a"]
+    assert all(row[1] == "up" and row[2].startswith("cpu-vllm-") for row in rows), rows
