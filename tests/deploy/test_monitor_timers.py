@@ -17,7 +17,7 @@ from roles.files import edge_metrics
 from tests.deploy.fakehost import changed, fleet_plan, plan
 from tests.deploy.simhost import UNIT_DIR, debian, ubuntu
 from tests.deploy.test_monitor_deploy import Fleet, changed_ops, commands_of
-from tests.deploy.test_nvidia import REPO, gpu_host
+from tests.deploy.test_nvidia import gpu_host, h200_data
 from tests.unit.gpu_scripts import gpu_metrics
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
@@ -160,13 +160,7 @@ def gpu_data(host_data, nvidia_releases):
     metrics were never captured on a GPU (a monitor group needs them): the CPU release's, of the
     same vLLM, stand in."""
     shutil.copy(nvidia_releases / "cpu-vllm-0.32.0.metrics", nvidia_releases / "nvidia-vllm-0.32.0.metrics")
-
-    def make(**overrides):
-        return host_data(**{
-            "vllm_releases_dir": str(nvidia_releases), "vllm_release": "nvidia-vllm-0.32.0",
-            "vllm_accelerator": "nvidia", "vllm_gpu_type": "h200", "vllm_gpu_count": 1,
-            "vllm_instances": [{"name": "a", "port": 8001}], "nvidia_repo_url": REPO, **overrides})
-    return make
+    return lambda **overrides: h200_data(host_data, nvidia_releases, **overrides)
 
 
 def deploy_gpu_host(data, sim):

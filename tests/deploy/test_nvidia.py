@@ -23,14 +23,17 @@ REPO = "https://cuda-mirror.example/compute/cuda/repos"
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
 
+def h200_data(host_data, releases_dir, **overrides) -> dict:
+    """An H200 host's data (``host_data``, the conftest fixture), on the NVIDIA release in ``releases_dir``."""
+    return host_data(**{
+        "vllm_releases_dir": str(releases_dir), "vllm_release": "nvidia-vllm-0.32.0",
+        "vllm_accelerator": "nvidia", "vllm_gpu_type": "h200", "vllm_gpu_count": 1,
+        "vllm_instances": [{"name": "a", "port": 8001}], "nvidia_repo_url": REPO, **overrides})
+
+
 @pytest.fixture
 def gpu_data(host_data, nvidia_releases):
-    def make(**overrides):
-        return host_data(**{
-            "vllm_releases_dir": str(nvidia_releases), "vllm_release": "nvidia-vllm-0.32.0",
-            "vllm_accelerator": "nvidia", "vllm_gpu_type": "h200", "vllm_gpu_count": 1,
-            "vllm_instances": [{"name": "a", "port": 8001}], "nvidia_repo_url": REPO, **overrides})
-    return make
+    return lambda **overrides: h200_data(host_data, nvidia_releases, **overrides)
 
 
 def gpu_host(distro, **state):
