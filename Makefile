@@ -11,6 +11,8 @@ FLEET := $(VENV)/bin/vllm-fleet
 RELEASE := cpu-vllm-0.32.0
 # The release the lab's rolling-update test upgrades to and rolls back from.
 NEXT_RELEASE := cpu-vllm-0.32.0-tf5.18
+# The NVIDIA release of the same vLLM (locked, never installed here).
+NVIDIA_RELEASE := nvidia-vllm-0.32.0
 MODEL := .cache/models/tiny-llama
 LAB_HOSTS ?= 2
 # torch of the lab release, for the GPU probe's all-reduce run on CPU processes (gloo) in tests.
@@ -61,6 +63,9 @@ test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL)
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
+	# The NVIDIA release's metric names are derived from the CPU release's capture: derive them again
+	# from the two engine wheels the locks pin and fail if the committed file differs.
+	$(FLEET) release metrics $(NVIDIA_RELEASE) --like $(RELEASE) --check
 	$(FLEET) lab up --hosts $(LAB_HOSTS)
 	$(FLEET) release wheelhouse $(RELEASE)
 	$(FLEET) release wheelhouse $(NEXT_RELEASE)

@@ -135,6 +135,8 @@ def release(args) -> int:
         print(resolve_lock(manifest, args.releases_dir))
     elif args.action == "wheelhouse":
         print(build_wheelhouse(read_lock(lock_path(manifest, args.releases_dir))))
+    elif args.action == "metrics":
+        return derive_metrics(manifest, args)
     else:
         print(f"release {manifest.name}: {manifest.engine.distribution}=={manifest.engine.version}"
               f" for {manifest.accelerator}, Python {manifest.python}")
@@ -148,6 +150,28 @@ def release(args) -> int:
         else:
             print(f"no lock yet: run `{lock_command(manifest.name)}`")
     return 0
+
+
+def derive_metrics(manifest, args) -> int:
+    """NAME.metrics from the capture of the release ``--like``; ``--check`` compares it with the
+    committed file instead of writing it."""
+    from roles.release.engine_source import derived_metrics
+
+    if not args.like:
+        raise FleetConfigError("`vllm-fleet release metrics NAME`", "needs --like RELEASE, the captured release "
+                               "whose metrics stand for NAME's.", "e.g. `vllm-fleet release metrics "
+                               "nvidia-vllm-0.32.0 --like cpu-vllm-0.32.0`.")
+    target, text = derived_metrics(manifest, args.like, args.releases_dir)
+    if not args.check:
+        target.write_text(text)
+        print(f"release: {target} written from the capture of {args.like}")
+        return 0
+    if target.is_file() and target.read_text() == text:
+        print(f"release: {target} is what the engine wheels give")
+        return 0
+    print(f"release: {target} is not what the engine wheels give; run `vllm-fleet release metrics "
+          f"{manifest.name} --like {args.like}` and commit it", file=sys.stderr)
+    return 1
 
 
 # ---- client keys ----------------------------------------------------------------------------------
@@ -366,11 +390,14 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=howto)
 
     p = commands.add_parser("release", help="release manifests: resolve a lock, download its wheels, show it")
-    p.add_argument("action", choices=["lock", "wheelhouse", "show"],
+    p.add_argument("action", choices=["lock", "wheelhouse", "show", "metrics"],
                    help="lock: resolve NAME.yml into NAME.lock; wheelhouse: download and verify its wheels "
-                        "once on this machine; show: the pins and the lock")
+                        "once on this machine; show: the pins and the lock; metrics: NAME.metrics from the "
+                        "capture of --like, when the two engine wheels carry the same metrics code")
     p.add_argument("name", help="release name, the stem of a manifest in --releases-dir")
     p.add_argument("--releases-dir", type=Path, default=RELEASES_DIR, help="folder of release manifests")
+    p.add_argument("--like", help="metrics: the captured release of the same vLLM whose names stand for NAME's")
+    p.add_argument("--check", action="store_true", help="metrics: compare with the committed file, write nothing")
     p.set_defaults(run=release)
 
     p = commands.add_parser("keys", help="client keys in a secrets folder (nginx_secrets_dir): add, rotate, remove")

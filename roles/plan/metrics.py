@@ -2,8 +2,10 @@
 (or a dashboard panel) uses is among them: a rename in a new release is refused before any host
 changes, naming the metric, the file that uses it and the release that lacks it.
 
-Each release's list (``inventories/releases/NAME.metrics``) is captured from a lab instance of
-that release; the lab tests compare it with a live instance, so it cannot go stale unseen.
+Each release's list (``inventories/releases/NAME.metrics``, roles/release/metrics.py) is captured
+from a lab instance of that release, and the lab tests compare it with a live instance, so it
+cannot go stale unseen; or it is derived from such a capture for a release of the same vLLM whose
+engine wheel carries the same metrics code (roles/release/engine_source.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from roles.errors import FleetConfigError
+from roles.release.metrics import VLLM_PREFIX, metrics_file, release_metrics
 
-SUFFIX = ".metrics"
-# Only vLLM's own names are pinned to the release; node_*, nginx_* and vllm_fleet_* are not its.
-VLLM_PREFIX = "vllm:"
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)")
 
 
@@ -24,19 +24,6 @@ def exposed_names(exposition: str) -> set[str]:
     """The sample names of a /metrics page in Prometheus's text format."""
     return {m.group(1) for line in exposition.splitlines()
             if not line.startswith("#") and (m := _SAMPLE.match(line))}
-
-
-def metrics_file(release_name: str, releases_dir: Path) -> Path:
-    return Path(releases_dir) / f"{release_name}{SUFFIX}"
-
-
-def release_metrics(release_name: str, releases_dir: Path) -> frozenset[str] | None:
-    """The names release ``release_name`` exposes, or None when none was captured."""
-    path = metrics_file(release_name, releases_dir)
-    if not path.is_file():
-        return None
-    return frozenset(line.strip() for line in path.read_text().splitlines()
-                     if line.strip() and not line.startswith("#"))
 
 
 def check_release_metrics(release_name: str, releases_dir: Path, used: Mapping[str, Iterable[str]]) -> None:
@@ -48,7 +35,9 @@ def check_release_metrics(release_name: str, releases_dir: Path, used: Mapping[s
             f"release {release_name}", f"has no list of the metrics it exposes ({metrics_file(release_name, releases_dir)}), "
             "so the alert rules and dashboards cannot be checked against it.",
             "capture it from a lab instance of the release: `curl -s http://INSTANCE/metrics`, its sample names "
-            "one per line (see the other releases' .metrics files), and commit it beside the lock.")
+            "one per line (see the other releases' .metrics files), and commit it beside the lock; or, for a "
+            "release of a vLLM that a captured release also runs, `vllm-fleet release metrics "
+            f"{release_name} --like CAPTURED`.")
     for file, names in used.items():
         missing = sorted(n for n in names if n.startswith(VLLM_PREFIX) and n not in available)
         if missing:

@@ -7,7 +7,6 @@ parsers: a flag or value they would refuse fails here."""
 
 import argparse
 import shlex
-import shutil
 from unittest import mock
 
 import pytest
@@ -156,10 +155,7 @@ def test_a_new_scrape_interval_reschedules_the_timer(host_data, tmp_path):
 
 @pytest.fixture
 def gpu_data(host_data, nvidia_releases):
-    """An onboarded H200 host's data, as tests/deploy/test_nvidia.py gives it. The NVIDIA release's
-    metrics were never captured on a GPU (a monitor group needs them): the CPU release's, of the
-    same vLLM, stand in."""
-    shutil.copy(nvidia_releases / "cpu-vllm-0.32.0.metrics", nvidia_releases / "nvidia-vllm-0.32.0.metrics")
+    """An onboarded H200 host's data, as tests/deploy/test_nvidia.py gives it."""
     return lambda **overrides: h200_data(host_data, nvidia_releases, **overrides)
 
 

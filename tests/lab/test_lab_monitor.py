@@ -81,7 +81,8 @@ def test_the_release_metrics_list_matches_a_live_instance(monitor_host):
     """inventories/releases/NAME.metrics, which the plan checks the alert rules against, is what
     an instance of the release serves now: a stale capture fails here."""
     from roles.lab.config import load_state
-    from roles.plan.metrics import exposed_names, release_metrics
+    from roles.plan.metrics import exposed_names
+    from roles.release.metrics import release_metrics
     from tests.lab.labkit import REPO
 
     lb = load_state()["hosts"][0]

@@ -35,7 +35,7 @@ def test_help_lists_every_subcommand():
     lab = vllm_fleet("lab", "--help").stdout
     release = vllm_fleet("release", "--help").stdout
     assert all(action in lab for action in ("up", "down", "status", "model")), lab
-    assert "{lock,wheelhouse,show}" in release, release
+    assert "{lock,wheelhouse,show,metrics}" in release, release
 
 
 def bad_inventory(tmp_path: Path) -> str:

@@ -15,8 +15,9 @@ import yaml
 from roles.errors import FleetConfigError
 from roles.plan import dashboard
 from roles.plan.alerts import expression_metrics
-from roles.plan.metrics import VLLM_PREFIX, check_release_metrics, release_metrics
+from roles.plan.metrics import check_release_metrics
 from roles.plan.monitoring import PROMETHEUS_ADDRESS
+from roles.release.metrics import VLLM_PREFIX, release_metrics
 from tests.unit.test_alert_rules import require_promtool
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ import pytest
 
 from roles.errors import FleetConfigError
 from roles.plan import alerts
-from roles.plan.metrics import check_release_metrics, exposed_names, release_metrics
+from roles.plan.metrics import check_release_metrics, exposed_names
+from roles.release.metrics import release_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASES = REPO / "inventories" / "releases"
