@@ -197,8 +197,7 @@ def _textfile_timer(name: str, service_text: str, timer_text: str, script=None) 
 @deploy("GPU metrics timer")
 def gpu_metrics(host_plan: HostPlan):
     """gpu_metrics.py (installed with the GPU health checks, beside gpu_probe.py) every scrape
-    interval into the textfile directory. Only ``monitor_gpu_exporter: textfile`` gets here: the
-    plan refuses ``dcgm``, which is not built."""
+    interval into the textfile directory."""
     _textfile_timer(GPU_METRICS_UNIT, *gpu_metrics_units(host_plan))
 
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
-from roles.errors import FleetConfigError
 from roles.plan import consistency, settings
 
 if TYPE_CHECKING:
@@ -56,8 +55,6 @@ def plan_monitoring(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, An
     if not monitors:
         return None
     hosts = list(hosts)
-    for name, data in hosts:
-        check_gpu_exporter(name, data)
     vllm = tuple(Target(_endpoint(h.address, i.port), (("host", h.name), ("instance_name", i.name),
                                                        ("model", fleet.served_model_name),
                                                        ("release", h.release.name)))
@@ -66,20 +63,6 @@ def plan_monitoring(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, An
     node = tuple(Target(_endpoint(address, NODE_EXPORTER_PORT), (("host", name),)) for name, address in addresses.items())
     nginx = tuple(Target(_endpoint(addresses[name], NGINX_EXPORTER_PORT), (("host", name),)) for name in fleet.lb_hosts)
     return MonitorPlan(hosts=monitors, jobs=(("vllm", vllm), ("node", node), ("nginx", nginx)))
-
-
-def check_gpu_exporter(host_name: str, data: Mapping[str, Any]) -> None:
-    """Refuse ``monitor_gpu_exporter: dcgm``, which is not built: NVIDIA ships dcgm-exporter as a
-    container image and Go source rather than in the CUDA apt repository the driver comes from
-    (which has DCGM itself, datacenter-gpu-manager), and the alert rules read the textfile's
-    vllm_fleet_gpu_* names, not DCGM's. Refused rather than half-installed: GPU alerts that never
-    fire would look like healthy GPUs."""
-    if settings.value(data, "monitor_gpu_exporter") == "dcgm":
-        raise FleetConfigError(f"host {host_name}: monitor_gpu_exporter",
-                               "is dcgm, which vllm-fleet does not build yet: nothing would install dcgm-exporter, "
-                               "and the GPU alert rules read the textfile's vllm_fleet_gpu_* metrics, not DCGM's.",
-                               "use textfile (the default): gpu_metrics.py reports NVML's readings and the kernel's "
-                               "XID events through the node exporter.")
 
 
 def prometheus_config(plan: MonitorPlan, data: Mapping[str, Any]) -> str:

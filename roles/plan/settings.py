@@ -262,10 +262,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("monitor_webhook_url", str, None,
             "Where Alertmanager sends alerts (its webhook receiver, e.g. your chat or paging bridge); unset: alerts "
             "are only shown in Alertmanager.", form=URL),
-    Setting("monitor_gpu_exporter", str, "textfile",
-            "How GPU hosts report NVML readings: textfile (gpu_metrics.py through the node exporter's textfile "
-            "collector, every monitor_scrape_interval); dcgm (dcgm-exporter) is not built yet and is refused.",
-            choices=("textfile", "dcgm")),
     Setting("monitor_queue_waiting_max", int, 10,
             "Alert when an instance has more requests waiting (vllm:num_requests_waiting) for 5 minutes.", minimum=1),
     Setting("monitor_kv_cache_usage_max", float, 0.95,

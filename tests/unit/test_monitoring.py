@@ -103,21 +103,6 @@ def test_no_monitor_group_no_monitoring(host_data):
     assert fleet.deploy_plan().monitoring is None
 
 
-def test_the_dcgm_gpu_exporter_is_refused_as_not_built(host_data):
-    """monitor_gpu_exporter: dcgm would install nothing, and the GPU alert rules read the textfile's
-    names: refused before any host is touched rather than silently without GPU alerts."""
-    fleet = Fleet(host_data, extra={"g1": {"ssh_hostname": "10.9.0.13", "monitor_gpu_exporter": "dcgm"}})
-    with pytest.raises(FleetConfigError) as refused:
-        fleet.deploy_plan()
-    assert refused.value.field == "host g1: monitor_gpu_exporter"
-    assert "not build yet" in refused.value.problem and "use textfile" in refused.value.fix
-    # Without a monitor group the setting changes nothing, and nothing is refused.
-    assert Fleet(host_data, extra={"g1": {"ssh_hostname": "10.9.0.13", "monitor_gpu_exporter": "dcgm"}},
-                 monitor=None).deploy_plan().monitoring is None
-    assert Fleet(host_data, extra={"g1": {"ssh_hostname": "10.9.0.13", "monitor_gpu_exporter": "textfile"}}
-                 ).deploy_plan().monitoring is not None
-
-
 def test_ipv6_addresses_are_bracketed(host_data):
     fleet = Fleet(host_data, extra={"h6": {"vllm_advertise_address": "2001:db8::16"}},
                   lb=("lb6", {"vllm_advertise_address": "2001:db8::2"}))
