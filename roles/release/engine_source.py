@@ -138,7 +138,8 @@ def derived_metrics(release: Release, like: str, releases_dir: Path) -> tuple[Pa
                                f"{release.engine.version}.")
     names = release_metrics(captured.name, releases_dir)
     if names is None:
-        raise FleetConfigError(f"`--like {captured.name}`", f"has no capture ({metrics_file(captured.name, releases_dir)}).",
+        raise FleetConfigError(f"`--like {captured.name}`",
+                               f"has no capture ({metrics_file(captured.name, releases_dir)}).",
                                "capture it from a lab instance first (README: Monitoring).")
     wheels = [fetch_engine_wheel(read_lock(lock_path(r, releases_dir))) for r in (captured, release)]
     header = provenance(wheels[0], wheels[1], compare_sources(*wheels))

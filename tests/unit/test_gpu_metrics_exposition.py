@@ -20,8 +20,10 @@ import pytest
 
 from roles.paths import GPU_PROBE
 from tests.unit.gpu_scripts import (
+    FIXTURES,
     HGX_BUSES,
     NOT_RECORDED,
+    NOT_RECORDED_KEYS,
     NOT_SUPPORTED,
     PER_GPU,
     P,
@@ -34,6 +36,7 @@ from tests.unit.gpu_scripts import (
     names,
     parse_exposition,
     recorded,
+    recorded_h100,
     value,
 )
 
@@ -114,6 +117,31 @@ def test_recorded_h200_readings_as_metrics():
                  "ecc_corrected_volatile_total", "ecc_corrected_aggregate_total"):
         assert f"{P}{name}" not in names(series)
     assert not any(n.startswith(f"{P}xid") for n in names(series))  # no --state: no XID metrics
+
+
+def test_the_reader_reproduces_the_recorded_h100_readings(tmp_path, monkeypatch):
+    """The H100 recording has every reading gpu_metrics.py uses: replayed through the stand-in NVML,
+    each comes back as recorded."""
+    machine = recorded_h100()
+    assert set(NOT_RECORDED_KEYS) <= machine["gpus"][0].keys()
+    monkeypatch.setitem(sys.modules, "pynvml", load_fake_pynvml(tmp_path, machine))
+    (gpu,) = gpu_probe.nvml_readings()["gpus"]
+    assert gpu == machine["gpus"][0]
+
+
+def test_the_textfile_written_on_a_real_h100_has_the_series_its_readings_give():
+    """gpu_metrics.py ran on the H100 (tests/fixtures/gpu/h100-gpu-metrics.prom, written a second
+    after the readings were taken): the same series, labels included, as exposition() makes of the
+    recorded readings; the values that do not move on an idle GPU are equal."""
+    written = parse_exposition((FIXTURES / "h100-gpu-metrics.prom").read_text())
+    # It ran with --state where no journalctl exists: XIDs seeded at 0, their source reported down.
+    expected = parse_exposition(gpu_metrics.exposition(recorded_h100(), expected_count=1, xids={}, xid_source_up=False))
+    assert written.keys() == expected.keys()
+    steady = [key for key in expected if not key[0].endswith(("power_watts", "memory_used_bytes"))]
+    assert {key: written[key] for key in steady} == {key: expected[key] for key in steady}
+    gpu = {"gpu": "0", "uuid": "GPU-de1276cb-eece-1273-fa67-105c18b1adcc", "model": "NVIDIA H100 80GB HBM3"}
+    assert value(written, f"{P}temperature_celsius", **gpu) == 31
+    assert value(written, f"{P}throttle_active", **gpu, reason="gpu_idle") == 1
 
 
 def test_eight_gpu_host_as_metrics():
