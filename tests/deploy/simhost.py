@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatch
 from pathlib import Path
-from unittest import mock
 
 import yaml
 from pyinfra.api.command import FileUploadCommand, StringCommand
@@ -35,7 +34,7 @@ from pyinfra.facts.server import (
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from roles import facts, firewall, paths
-from roles.files import fleet_probe  # a script the roles copy to hosts; its own parser reads the commands
+from tests.deploy.probe_args import probe_args
 
 UNIT_DIR = "/etc/systemd/system"
 
@@ -456,31 +455,6 @@ def _file(data: bytes, mode: int = 644, user: str = "root", **extra) -> dict:
 def _written(lines: list[str], **extra) -> dict:
     """A file a shell command wrote (echo, printf '%s\\n', touch): newline-terminated lines."""
     return _file("".join(f"{line}\n" for line in lines).encode(), **extra)
-
-
-class _Parsed(Exception):
-    def __init__(self, namespace: argparse.Namespace):
-        super().__init__()
-        self.namespace = namespace
-
-
-def probe_args(argv: list[str]) -> argparse.Namespace:
-    """A ``python3 fleet_probe.py ...`` command's arguments as the probe itself reads them (its
-    ``main``, stopped once it has parsed them): a flag or value it would refuse fails the test."""
-    assert argv[:2] == ["python3", paths.FLEET_PROBE_PATH], argv
-    parse_args = argparse.ArgumentParser.parse_args
-
-    def parsed(parser, args=None, namespace=None):
-        raise _Parsed(parse_args(parser, args, namespace))
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parsed):
-        try:
-            fleet_probe.main(argv[2:])
-        except _Parsed as done:
-            return done.namespace
-        except SystemExit:
-            raise AssertionError(f"fleet_probe.py refuses its arguments: {argv}") from None
-    raise AssertionError(f"fleet_probe.py did not parse its arguments: {argv}")
 
 
 def _io_bytes(stream) -> bytes:
