@@ -56,10 +56,19 @@ $(PROMTOOL):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
 	if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service; fi
 
-unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL)
+# amtool checks Alertmanager's receiver in the tests, as the deploy does on the monitor host. Debian's
+# and Ubuntu's prometheus-alertmanager package ships it and starts an Alertmanager, disabled at once
+# likewise.
+AMTOOL := /usr/bin/amtool
+$(AMTOOL):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		prometheus-alertmanager
+	if [ -d /run/systemd/system ]; then systemctl disable --now prometheus-alertmanager.service; fi
+
+unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL)
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 
-test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL)
+test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL)
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"

@@ -1,6 +1,7 @@
 """Configuration files that reach a running service only once the service's own checker accepts
-them (nft -c, promtool, amtool): uploaded beside the live file, checked, then moved over it. A
-rejected render stops the deploy with the service and its file as they were."""
+them (nft -c, promtool): uploaded beside the live file, checked, then moved over it. A rejected
+render stops the deploy with the service and its file as they were. One that holds a secret is a
+``private_file`` with a ``check`` (roles/private_files.py): Alertmanager's receiver, by amtool."""
 
 from __future__ import annotations
 

@@ -123,9 +123,11 @@ def monitor_server(plan: MonitorPlan, data):
                        f"--storage.tsdb.retention.time={settings.value(data, 'monitor_retention')}",
                        f"--web.listen-address={monitoring.PROMETHEUS_ADDRESS}"])))
     _service("prometheus", prometheus_args, rules, config, writable=(storage,))
-    # The webhook URL may carry a token (chat and paging bridges put one in the path).
-    receiver = private_file(name="Alertmanager receiver", path="/etc/prometheus/alertmanager.yml",
-                            content=monitoring.alertmanager_config(data), group=SERVICE_USER)
+    # The webhook URL may carry a token (chat and paging bridges put one in the path): a private
+    # file, which amtool checks before it replaces the running one as promtool does Prometheus's.
+    receiver = private_file(name="Alertmanager receiver (checked with amtool)",
+                            path="/etc/prometheus/alertmanager.yml", content=monitoring.alertmanager_config(data),
+                            group=SERVICE_USER, check="amtool check-config {}")
     alertmanager_args = files.put(name="Alertmanager arguments", dest="/etc/default/prometheus-alertmanager",
                                   src=StringIO(_defaults("prometheus-alertmanager", [
                                       f"--web.listen-address={monitoring.ALERTMANAGER_ADDRESS}",

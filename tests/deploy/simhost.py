@@ -44,8 +44,8 @@ class SimulatedHost:
     the commands a deploy runs on it.
 
     Only the commands vllm-fleet's roles emit are understood (uploads, mkdir, chmod, ln, install
-    of an empty private file, mv, useradd, apt-get install, systemctl, nft, promtool, writing a
-    digest file); the point is a second run against exactly the state the first run left, not a
+    of an empty private file, mv, useradd, apt-get install, systemctl, nft, promtool, amtool,
+    writing a digest file); the point is a second run against exactly the state the first run left, not a
     shell emulator. The fleet probe's commands are read by the probe's own argument parser.
     """
 
@@ -76,6 +76,8 @@ class SimulatedHost:
         self.table = False  # whether the kernel's ruleset holds vllm-fleet's table
         self.checked: list[str] = []  # files `nft -c` checked, in order
         self.promtool: list[tuple[str, str]] = []  # (rules or config, file) promtool checked, in order
+        self.amtool: list[tuple[str, dict]] = []  # (file, the file as it was then) amtool checked, in order
+        self.refusing: set[str] = set()  # checkers (amtool) that refuse every file here: CheckRefused
         self.smoked: list[argparse.Namespace] = []  # the smoke tests run, as the probe read their arguments
         self.loaded_units: dict[str, str] = {}  # unit file -> its sha1 when systemd last loaded it
         self.oneshots: list[str] = []  # oneshot services run (started, then done), in order
@@ -314,6 +316,8 @@ class SimulatedHost:
             self._nft(args)
         elif cmd == "promtool":
             self._promtool(args)
+        elif cmd == "amtool":
+            self._amtool(args)
         elif cmd == "python3" and args[:2] == [paths.FLEET_PROBE_PATH, "wait"]:
             unit = probe_args(argv).unit
             assert "--address" in args, f"the wait would ask loopback, where {unit} does not listen: {argv}"
@@ -415,6 +419,22 @@ class SimulatedHost:
             for rules in config.get("rule_files") or ():
                 assert rules in self.files, f"promtool check config {path}: its rule file {rules} is not there"
         self.promtool.append((kind, path))
+
+
+    def _amtool(self, args: list[str]) -> None:
+        """``amtool check-config FILE``, its output not shown (as roles/private_files.py runs a
+        private file's check): the file as it was checked is recorded; a refusal, when amtool is in
+        ``refusing``, fails the command."""
+        assert args[0] == "check-config" and args[2:6] == [">", "/dev/null", "2>&1", "||"], f"unexpected amtool {args}"
+        path = args[1]
+        assert path in self.files, f"amtool check-config {path}: no such file"
+        self.amtool.append((path, dict(self.files[path])))
+        if "amtool" in self.refusing:
+            raise CheckRefused(f"amtool check-config {path}")
+
+
+class CheckRefused(Exception):
+    """A checker refused a file: the command fails, and the deploy stops there."""
 
 
 # What installing a package does besides putting its files, as Debian's and Ubuntu's maintainer

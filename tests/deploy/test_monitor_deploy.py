@@ -3,7 +3,8 @@ and runs instances, h2 runs instances and is the monitoring host. Every host get
 (systemd and textfile collectors), the load balancer an nginx exporter reading a loopback
 stub_status, the monitoring host Prometheus and Alertmanager; their configurations are checked by
 promtool before they replace the files in place, the receiver (which may hold a token) is a
-private file, and a second run changes nothing. Without a monitor group none of it is there."""
+private file that amtool checks before it replaces the one in place, and a second run changes
+nothing. Without a monitor group none of it is there."""
 
 import re
 
@@ -14,7 +15,7 @@ from pyinfra.api import StringCommand
 from roles import monitor, paths, secrets, site
 from roles.plan.monitoring import RULES_FILE, STUB_STATUS_PORT
 from tests.deploy.fakehost import fleet_plan, run_fleet
-from tests.deploy.simhost import SimulatedHost, debian
+from tests.deploy.simhost import CheckRefused, SimulatedHost, debian
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
@@ -23,6 +24,7 @@ PROMETHEUS_YML = "/etc/prometheus/prometheus.yml"
 ALERTMANAGER_YML = "/etc/prometheus/alertmanager.yml"
 EXPORTERS = ("prometheus-node-exporter", "prometheus-nginx-exporter")
 SERVERS = ("prometheus", "prometheus-alertmanager")
+RECEIVER_OP = "Alertmanager receiver (checked with amtool)"
 
 
 class Fleet:
@@ -148,14 +150,20 @@ def test_prometheus_files_are_checked_by_promtool_before_they_replace_the_files_
     assert fleet.sims["h1"].promtool == []
 
 
-def test_the_alertmanager_receiver_is_a_private_file_holding_the_webhook(host_data, tmp_path):
+def test_the_alertmanager_receiver_is_a_private_file_holding_the_webhook_checked_by_amtool(host_data, tmp_path):
     fleet = Fleet(host_data, tmp_path, monitor_webhook_url=WEBHOOK)
     timeline = fleet.deploy()
     h2, upload = fleet.sims["h2"], f"{ALERTMANAGER_YML}.upload"
-    [op] = [op for name, op in timeline if name == "h2" and op.name.endswith("| Alertmanager receiver")]
-    # Created empty, readable by root and Alertmanager's group only, then written, then renamed.
-    assert op.commands == [f"install -m 640 -g prometheus /dev/null {upload}", f"upload <generated> -> {upload}",
-                           f"mv -f {upload} {ALERTMANAGER_YML}"]
+    [op] = [op for name, op in timeline if name == "h2" and op.name.endswith(RECEIVER_OP)]
+    # Created empty, readable by root and Alertmanager's group only, then written, checked by
+    # amtool (its output, which may quote the URL, not shown), then renamed.
+    install, written, check, move = op.commands
+    assert (install, written, move) == (f"install -m 640 -g prometheus /dev/null {upload}",
+                                        f"upload <generated> -> {upload}", f"mv -f {upload} {ALERTMANAGER_YML}")
+    assert check.startswith(f"amtool check-config {upload} > /dev/null 2>&1 || {{ echo ")
+    [(checked, staged)] = h2.amtool
+    assert checked == upload and (staged["mode"], staged["user"], staged["group"]) == (640, "root", "prometheus")
+    assert staged["sha256"] == h2.files[ALERTMANAGER_YML]["sha256"]
     receiver = h2.files[ALERTMANAGER_YML]
     assert (receiver["mode"], receiver["user"], receiver["group"]) == (640, "root", "prometheus")
     assert yaml.safe_load(fleet.text("h2", ALERTMANAGER_YML))["receivers"] == [
@@ -173,6 +181,21 @@ def test_the_alertmanager_receiver_is_a_private_file_holding_the_webhook(host_da
 
 def run_index(timeline, host_name, command) -> int:
     return commands_of(timeline, host_name).index(command)
+
+
+def test_a_receiver_amtool_refuses_never_replaces_the_running_one(host_data, tmp_path):
+    fleet = Fleet(host_data, tmp_path, monitor_webhook_url=WEBHOOK)
+    fleet.deploy()
+    h2, upload = fleet.sims["h2"], f"{ALERTMANAGER_YML}.upload"
+    running = h2.files[ALERTMANAGER_YML]
+    fleet.data["h2"]["monitor_webhook_url"] = "https://hooks.example.com/services/T000/B000/other"
+    h2.refusing.add("amtool")
+    with pytest.raises(CheckRefused, match=f"amtool check-config {upload}"):
+        fleet.deploy()
+    # The refused file stays beside the live one for the operator to check, as private as it.
+    assert h2.files[ALERTMANAGER_YML] == running
+    assert (h2.files[upload]["mode"], h2.files[upload]["group"]) == (640, "prometheus")
+    assert "/other" in "\n".join(h2.files[upload]["lines"])
 
 
 def test_without_a_webhook_the_receiver_sends_nowhere(host_data, tmp_path):
@@ -211,7 +234,7 @@ def test_a_new_webhook_rewrites_the_receiver_and_restarts_alertmanager_alone(hos
     fleet.data["h2"]["monitor_webhook_url"] = "https://hooks.example.com/services/T000/B000/other"
     timeline = fleet.deploy()
     assert [(name, op.name.split(" | ")[-1]) for name, op in timeline if op.commands] == [
-        ("h2", "Alertmanager receiver"), ("h2", "Restart prometheus-alertmanager on its new configuration")]
+        ("h2", RECEIVER_OP), ("h2", "Restart prometheus-alertmanager on its new configuration")]
     assert "/other" in fleet.text("h2", ALERTMANAGER_YML)
 
 

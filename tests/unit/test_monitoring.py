@@ -202,15 +202,34 @@ def test_alertmanager_without_a_webhook_has_a_receiver_that_sends_nowhere():
     assert "webhook" not in text
 
 
-@pytest.mark.parametrize("data", [{}, {"monitor_webhook_url": WEBHOOK}], ids=["no-webhook", "webhook"])
-def test_amtool_accepts_the_alertmanager_config(tmp_path, data):
+def amtool_check(path: Path) -> subprocess.CompletedProcess:
+    """``amtool check-config PATH``, as the deploy runs it on the monitor host. Debian's and Ubuntu's
+    prometheus-alertmanager package ships amtool (`make test` installs it): missing, the test
+    fails rather than skips, as promtool's do."""
     tool = shutil.which("amtool")
     if tool is None:
-        pytest.skip("amtool is not installed here (Debian's and Ubuntu's prometheus-alertmanager package ships it)")
+        pytest.fail("amtool is missing: `make test` installs it (apt-get install prometheus-alertmanager).",
+                    pytrace=False)
+    return subprocess.run([tool, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("data", [{}, {"monitor_webhook_url": WEBHOOK}], ids=["no-webhook", "webhook"])
+def test_amtool_accepts_the_alertmanager_config(tmp_path, data):
     path = tmp_path / "alertmanager.yml"
     path.write_text(alertmanager_config(data))
-    result = subprocess.run([tool, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    result = amtool_check(path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and " - 1 receivers" in result.stdout
+
+
+def test_amtool_refuses_a_webhook_receiver_without_a_url(tmp_path):
+    """What the deploy's check stops: a receiver Alertmanager would not start with."""
+    config = yaml.safe_load(alertmanager_config({"monitor_webhook_url": WEBHOOK}))
+    del config["receivers"][0]["webhook_configs"][0]["url"]
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = amtool_check(path)
+    assert result.returncode != 0 and "missing URL in webhook config" in result.stdout + result.stderr
 
 
 # ---- the firewalls -------------------------------------------------------------------------------------
