@@ -181,16 +181,16 @@ def edge_metrics_units(upstreams: list[str], interval: int) -> tuple[str, str]:
                   address_families="AF_UNIX AF_INET AF_INET6")
 
 
-def _textfile_timer(name: str, service_text: str, timer_text: str, script=None) -> None:
-    """NAME.service and NAME.timer in place, the service run once when it (or its ``script``, an
-    operation) changed, so that a sandbox keeping the script from what it needs fails the deploy
-    rather than every run after it, then the timer running and enabled."""
+def _textfile_timer(name: str, service_text: str, timer_text: str, scripts=()) -> None:
+    """NAME.service and NAME.timer in place, the service run once when it (or one of its
+    ``scripts``, operations) changed, so that a sandbox keeping the script from what it needs
+    fails the deploy rather than every run after it, then the timer running and enabled."""
     service = files.put(name=f"Unit {name}.service", dest=f"/etc/systemd/system/{name}.service",
                         src=StringIO(service_text))
     timer = files.put(name=f"Unit {name}.timer", dest=f"/etc/systemd/system/{name}.timer", src=StringIO(timer_text))
     systemd.daemon_reload(name="Reload systemd units", _if=any_changed(service, timer))
     server.shell(name=f"Run {name}.service once (proves it in its sandbox)",
-                 commands=[f"systemctl start {name}.service"], _if=any_changed(service, *filter(None, [script])))
+                 commands=[f"systemctl start {name}.service"], _if=any_changed(service, *scripts))
     systemd.service(name=f"Run {name}.timer", service=f"{name}.timer", running=True, enabled=True)
     systemd.service(name=f"Restart {name}.timer on its new schedule", service=f"{name}.timer", restarted=True,
                     _if=timer.did_change)
@@ -198,8 +198,8 @@ def _textfile_timer(name: str, service_text: str, timer_text: str, script=None) 
 
 @deploy("GPU metrics timer")
 def gpu_metrics(host_plan: HostPlan):
-    """gpu_metrics.py (installed with the GPU health checks, beside gpu_probe.py) every scrape
-    interval into the textfile directory."""
+    """gpu_metrics.py (installed with the GPU health checks, beside gpu_probe.py and textfile.py)
+    every scrape interval into the textfile directory."""
     _textfile_timer(GPU_METRICS_UNIT, *gpu_metrics_units(host_plan))
 
 
@@ -210,5 +210,8 @@ def edge_metrics(upstreams: list[str], data):
     install_packages("Install python3 (edge_metrics.py runs on the system's)", ["python3"], no_recommends=True)
     script = files.put(name="Install edge_metrics.py", src=str(paths.EDGE_METRICS), dest=paths.EDGE_METRICS_PATH,
                        mode="755", create_remote_dir=True)
+    # Beside it, the module it writes the textfile with (a module only: not executable).
+    module = files.put(name="Install textfile.py (edge_metrics.py imports it)", src=str(paths.TEXTFILE),
+                       dest=paths.TEXTFILE_PATH, mode="644", create_remote_dir=True)
     _textfile_timer(EDGE_METRICS_UNIT, *edge_metrics_units(upstreams, settings.value(data, "monitor_scrape_interval")),
-                    script=script)
+                    scripts=(script, module))

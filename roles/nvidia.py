@@ -232,9 +232,12 @@ def health(plan: HostPlan, python: str):
     """The NVML gate before any model is served, and the burn-in on first onboarding."""
     files.put(name="Install the GPU probe", src=str(paths.GPU_PROBE), dest=paths.GPU_PROBE_PATH, mode="755",
               create_remote_dir=True)
-    # Beside the probe, whose NVML reader it imports: the node exporter's GPU textfile (run by a timer).
+    # Beside the probe, whose NVML reader it imports: the node exporter's GPU textfile (run by a timer),
+    # and the module it writes the textfile with (a module only: not executable).
     files.put(name="Install the GPU metrics script", src=str(paths.GPU_METRICS), dest=paths.GPU_METRICS_PATH,
               mode="755", create_remote_dir=True)
+    files.put(name="Install textfile.py (gpu_metrics.py imports it)", src=str(paths.TEXTFILE),
+              dest=paths.TEXTFILE_PATH, mode="644", create_remote_dir=True)
     expect = GpuExpectation(count=settings.value(plan.data, "vllm_gpu_count") or 1, model=plan.gpu.nvml_name,
                             memory_bytes=plan.gpu.memory_bytes)
     gpu_health(name="NVML checks (and burn-in on first onboarding)", expect=expect, python=python,

@@ -11,10 +11,12 @@ HOST_SCRIPTS = Path(__file__).resolve().parent / "files"
 FLEET_PROBE = HOST_SCRIPTS / "fleet_probe.py"
 CHECK_ENGINE_ARGS = HOST_SCRIPTS / "check_engine_args.py"
 GPU_PROBE = HOST_SCRIPTS / "gpu_probe.py"
-# The node exporter's GPU textfile; imports gpu_probe.py, so it is installed beside it.
+# The node exporter's GPU textfile; imports gpu_probe.py and textfile.py, so it is installed beside them.
 GPU_METRICS = HOST_SCRIPTS / "gpu_metrics.py"
 # The edge's textfile on load balancers: responses by status from nginx's log, upstreams' health.
 EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
+# What both textfile scripts import (the exposition, atomic writes, their state): beside each of them.
+TEXTFILE = HOST_SCRIPTS / "textfile.py"
 # Per-host JSON records of the NVML gate, relative to where pyinfra runs.
 LOCAL_GPU_RECORDS = Path(".cache/gpu-health")
 
@@ -28,6 +30,7 @@ CHECK_ENGINE_ARGS_PATH = f"{HOST_SCRIPTS_DIR}/check_engine_args.py"
 GPU_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/gpu_probe.py"
 GPU_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/gpu_metrics.py"
 EDGE_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/edge_metrics.py"
+TEXTFILE_PATH = f"{HOST_SCRIPTS_DIR}/textfile.py"
 # Written into a staged model or venv once it is complete; a folder without it is unfinished.
 DIGEST_FILE = ".vllm-fleet-digest"
 

@@ -14,20 +14,29 @@ upstream of a log line, which have no bound. Each upstream's /health is asked ov
 nginx reaches it; it is up when it answers 200 within the timeout.
 
 It only reports: what counts as too many errors or too few upstreams is decided by the monitor's
-alert rules (templates/prometheus/vllm-fleet-rules.yml.j2).
+alert rules (templates/prometheus/vllm-fleet-rules.yml.j2). The textfile and the state are
+written by textfile.py, which sits beside this script on the host and in roles/files/: imported
+as the top-level module ``textfile``, never as ``roles.files.textfile`` (scripts copied to hosts
+import nothing of the project).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection, HTTPException
+
+# The script's folder is sys.path[0] when it is run as a script, unless python runs with -I (as its
+# unit runs it), -P or PYTHONSAFEPATH: then it is put there, so that textfile.py beside it is found.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import textfile  # noqa: E402  (after the path: the sibling module, not a package)
 
 PREFIX = "vllm_fleet_edge_"
 LOG = "/var/log/nginx/vllm-fleet.access.log"
@@ -139,77 +148,35 @@ def probe_all(upstreams: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict[st
         return dict(zip(upstreams, results))
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def exposition(state: dict, log_up: bool, upstreams: dict[str, bool]) -> str:
     """The Prometheus text exposition of the counts in ``state`` and the upstreams' health. Pure."""
     counts = {**dict.fromkeys(SEEDED_STATUSES, 0), **state.get("counts", {})}
-    families = [
+    return textfile.exposition(PREFIX, [
         ("responses_total", "counter", ("Responses of the edge (nginx on this load balancer) by HTTP status, "
                                         "counted from its access log."),
-         [(f'status="{s}"', counts[s]) for s in sorted(counts)]),
+         [({"status": s}, counts[s]) for s in sorted(counts)]),
         ("log_unparsed_lines_total", "counter", "Access log lines not in the fleet's log format (not counted above).",
-         [("", state.get("unparsed", 0))]),
-        ("log_up", "gauge", "1 when the access log was read on this run.", [("", int(log_up))]),
+         [({}, state.get("unparsed", 0))]),
+        ("log_up", "gauge", "1 when the access log was read on this run.", [({}, int(log_up))]),
         ("upstream_up", "gauge", "1 when the instance answered GET /health with 200 on this run.",
-         [(f'upstream="{_escape(u)}"', int(up)) for u, up in upstreams.items()]),
+         [({"upstream": u}, int(up)) for u, up in upstreams.items()]),
         ("upstreams_up", "gauge", "Instances behind this load balancer that answered GET /health with 200.",
-         [("", sum(upstreams.values()))]),
+         [({}, sum(upstreams.values()))]),
         ("upstreams_total", "gauge", "Instances behind this load balancer (its nginx upstream).",
-         [("", len(upstreams))]),
-    ]
-    lines = []
-    for name, kind, help_text, samples in families:
-        if samples:
-            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}"]
-            lines += [f"{PREFIX}{name}{{{labels}}} {v}" if labels else f"{PREFIX}{name} {v}" for labels, v in samples]
-    return "\n".join(lines) + "\n"
-
-
-def load_state(path: str) -> dict:
-    """The state of the last run; a missing or unreadable file starts from nothing (the log from its
-    start, the counts from 0: Prometheus takes the counters' drop as a reset)."""
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        print(f"edge_metrics: {path} unreadable ({e}): counting again from 0", file=sys.stderr)
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
-    """Write a temporary file beside ``path`` and rename it over ``path``: a reader sees the old
-    file or the new one, never half of one. The temporary name does not end in .prom, so the node
-    exporter (which reads *.prom) never reads it; the mode lets its user read the result."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+         [({}, len(upstreams))]),
+    ])
 
 
 def metrics(log: str, out: str, state_path: str, upstreams: list[str], max_bytes: int = MAX_BYTES,
             timeout: float = PROBE_TIMEOUT_S) -> int:
     """Count the log's new lines, ask the upstreams, write the state, then the textfile."""
-    state, log_up = read_log(log, load_state(state_path), max_bytes)
+    # A lost state reads the log from its start and counts from 0: Prometheus takes the drop as a reset.
+    state, log_up = read_log(log, textfile.load_state(state_path, "edge_metrics", "counting again from 0"), max_bytes)
     health = probe_all(upstreams, timeout)
     # The state first: if the run dies between the two writes, the next run counts nothing twice
     # and the textfile catches up.
-    write_atomically(state_path, json.dumps(state, indent=1, sort_keys=True) + "\n", mode=0o600)
-    write_atomically(out, exposition(state, log_up, health))
+    textfile.save_state(state_path, state)
+    textfile.write_atomically(out, exposition(state, log_up, health))
     down = [u for u, up in health.items() if not up]
     if down:
         print(f"edge_metrics: {len(down)} of {len(health)} upstreams not healthy: {' '.join(down)}", file=sys.stderr)

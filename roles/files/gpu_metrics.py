@@ -6,30 +6,31 @@ exporter's textfile collector; run ON an NVIDIA host (by a timer) with the relea
 
 It only reports: what counts as healthy is decided by the monitor's alert rules. A reading the
 driver does not support is left out of the metrics, never written as 0. NVML is read by
-gpu_probe.py's reader (the one behind `gpu_probe.py readings`), which sits beside this script on
-the host and in roles/files/: imported as the top-level module ``gpu_probe``, never as
-``roles.files.gpu_probe`` (scripts copied to hosts import nothing of the project).
+gpu_probe.py's reader (the one behind `gpu_probe.py readings`), and the textfile written by
+textfile.py, which both sit beside this script on the host and in roles/files/: imported as the
+top-level modules ``gpu_probe`` and ``textfile``, never as ``roles.files.gpu_probe`` (scripts
+copied to hosts import nothing of the project).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import tempfile
 
 # The script's folder is sys.path[0] when it is run as a script, unless python runs with -I, -P or
-# PYTHONSAFEPATH: then it is put there, so that gpu_probe.py beside it is found either way.
+# PYTHONSAFEPATH: then it is put there, so that gpu_probe.py and textfile.py beside it are found
+# either way.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-import gpu_probe  # noqa: E402  (after the path: the sibling script, not a package)
+import gpu_probe  # noqa: E402  (after the path: the sibling scripts, not a package)
+import textfile  # noqa: E402
 
 PREFIX = "vllm_fleet_gpu_"
 
@@ -122,19 +123,6 @@ def _present(gpu: dict) -> bool:
     return "error" not in gpu and isinstance(gpu.get("uuid"), str)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value) -> str:
-    return str(int(value)) if isinstance(value, (bool, int)) else repr(float(value))
-
-
-def _sample(name: str, labels: dict[str, str], value) -> str:
-    inside = ",".join(f'{key}="{_escape(str(v))}"' for key, v in labels.items())
-    return f"{PREFIX}{name}{{{inside}}} {_number(value)}" if inside else f"{PREFIX}{name} {_number(value)}"
-
-
 def exposition(readings: dict, expected_count: int, xids: dict | None = None, xid_source_up: bool = True) -> str:
     """The Prometheus text exposition of one host's NVML readings (gpu_probe.nvml_readings()) and
     XID counts (the state of count_xids(); None: not collected). Pure, so recorded readings replay
@@ -142,19 +130,13 @@ def exposition(readings: dict, expected_count: int, xids: dict | None = None, xi
 
     Each family is written whole (HELP, TYPE, then its samples); a family without samples is left
     out, and so is a reading NVML did not give for a GPU."""
-    families: list[tuple[str, str, str, list[str]]] = []
-
-    def family(name, kind, help_text, samples):
-        if samples:
-            families.append((name, kind, help_text, samples))
-
     gpus = [g for g in readings.get("gpus", []) if _present(g)]
     nvml_up = "nvml_error" not in readings
-    family("nvml_up", "gauge", "1 when NVML answered; 0 when the driver or its library did not (see the unit's log).",
-           [_sample("nvml_up", {}, int(nvml_up))])
-    family("count", "gauge", "GPUs that NVML sees and can open.", [_sample("count", {}, len(gpus))])
-    family("expected_count", "gauge", "GPUs the inventory says this host has.",
-           [_sample("expected_count", {}, expected_count)])
+    families: list[textfile.Family] = [
+        ("nvml_up", "gauge", "1 when NVML answered; 0 when the driver or its library did not (see the unit's log).",
+         [({}, int(nvml_up))]),
+        ("count", "gauge", "GPUs that NVML sees and can open.", [({}, len(gpus))]),
+        ("expected_count", "gauge", "GPUs the inventory says this host has.", [({}, expected_count)])]
     ids = {g["index"]: {"gpu": str(g["index"]), "uuid": g["uuid"],
                         "model": g["name"] if isinstance(g.get("name"), str) else ""} for g in gpus}
     for name, kind, help_text, read in PER_GPU:
@@ -162,35 +144,32 @@ def exposition(readings: dict, expected_count: int, xids: dict | None = None, xi
         for gpu in gpus:
             value = read(gpu)
             if not _missing(value):
-                samples.append(_sample(name, ids[gpu["index"]], value))
-        family(name, kind, help_text, samples)
+                samples.append((ids[gpu["index"]], value))
+        families.append((name, kind, help_text, samples))
         if name == "throttle_reasons":  # and the same bitmask, one 0/1 series per known reason
             active = []
             for gpu in gpus:
                 mask = gpu.get("clock_event_reasons")
                 if not _missing(mask):
-                    active += [_sample("throttle_active", {**ids[gpu["index"]], "reason": reason},
-                                       int(bool(mask & bit))) for reason, bit in THROTTLE_REASONS.items()]
-            family("throttle_active", "gauge", "1 while NVML reports this clocks event (throttle) reason.", active)
+                    active += [({**ids[gpu["index"]], "reason": reason}, int(bool(mask & bit)))
+                               for reason, bit in THROTTLE_REASONS.items()]
+            families.append(("throttle_active", "gauge", "1 while NVML reports this clocks event (throttle) reason.",
+                             active))
     if xids is not None:
-        family("xid_source_up", "gauge", "1 when the kernel log was read for XID events on this run.",
-               [_sample("xid_source_up", {}, int(xid_source_up))])
+        families.append(("xid_source_up", "gauge", "1 when the kernel log was read for XID events on this run.",
+                         [({}, int(xid_source_up))]))
         counts: dict[str, dict[str, int]] = xids.get("counts", {})
         indexes = sorted({str(i) for i in ids} | set(counts), key=int)
         samples = []
         for index in indexes:
             seen = counts.get(index, {})
             for xid in sorted({str(x) for x in SEEDED_XIDS} | set(seen), key=int):
-                samples.append(_sample("xid_events_total", {"gpu": index, "xid": xid}, seen.get(xid, 0)))
-        family("xid_events_total", "counter", "NVIDIA XID events of the GPU in the kernel log (NVRM: Xid).", samples)
-        family("xid_last", "gauge", "The XID of the GPU's most recent XID event.", [
-            _sample("xid_last", {"gpu": index}, xid)
-            for index, xid in sorted(xids.get("last", {}).items(), key=lambda item: int(item[0]))])
-    lines = []
-    for name, kind, help_text, samples in families:
-        help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-        lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}", *samples]
-    return "\n".join(lines) + "\n"
+                samples.append(({"gpu": index, "xid": xid}, seen.get(xid, 0)))
+        families += [
+            ("xid_events_total", "counter", "NVIDIA XID events of the GPU in the kernel log (NVRM: Xid).", samples),
+            ("xid_last", "gauge", "The XID of the GPU's most recent XID event.", [
+                ({"gpu": index}, xid) for index, xid in sorted(xids.get("last", {}).items(), key=lambda i: int(i[0]))])]
+    return textfile.exposition(PREFIX, families)
 
 
 # XIDs come from the kernel log, not from an NVML event set: an event set only delivers what
@@ -270,39 +249,6 @@ def read_kernel_log(cursor: str | None, since: float | None) -> tuple[list[str],
     raise KernelLogError(f"{shlex.join(command)}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
 
 
-def load_state(path: str) -> dict:
-    """The XID state of the last run; a missing or unreadable file starts from nothing (Prometheus
-    takes the counters' drop as a reset)."""
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        print(f"gpu_metrics: {path} unreadable ({e}): XID counts start again from 0", file=sys.stderr)
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
-    """Write a temporary file beside ``path`` and rename it over ``path``: a reader sees the old
-    file or the new one, never half of one. The temporary name does not end in .prom, so the
-    node exporter (which reads *.prom) never reads it; the mode lets its user read the result."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def metrics(out: str, expected_count: int, state_path: str | None) -> int:
     """Read NVML (and the kernel log's XIDs when there is a state file), write the textfile."""
     readings = gpu_probe.nvml_readings()
@@ -315,7 +261,7 @@ def metrics(out: str, expected_count: int, state_path: str | None) -> int:
         return 0
     state, source_up = None, True
     if state_path:
-        state = load_state(state_path)
+        state = textfile.load_state(state_path, "gpu_metrics", "XID counts start again from 0")
         try:
             lines, cursor = read_kernel_log(state.get("cursor"), state.get("time"))
         except KernelLogError as e:
@@ -326,8 +272,8 @@ def metrics(out: str, expected_count: int, state_path: str | None) -> int:
             state.update(cursor=cursor or state.get("cursor"), time=readings["time"])
         # The state first: if the run dies between the two writes, the next run re-reads nothing
         # twice and the textfile catches up.
-        write_atomically(state_path, json.dumps(state, indent=1, sort_keys=True) + "\n", mode=0o600)
-    write_atomically(out, exposition(readings, expected_count, state, source_up))
+        textfile.save_state(state_path, state)
+    textfile.write_atomically(out, exposition(readings, expected_count, state, source_up))
     if "nvml_error" in readings:
         print(f"gpu_metrics: NVML did not answer ({readings['nvml_error']}): {out} reports 0 of "
               f"{expected_count} GPUs", file=sys.stderr)

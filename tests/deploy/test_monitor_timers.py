@@ -3,10 +3,14 @@ balancer runs edge_metrics.py for its upstreams, an NVIDIA host gpu_metrics.py w
 python, each a sandboxed oneshot service started by a timer every scrape interval, proven once in
 its sandbox when it changed; CPU hosts get no GPU timer, hosts that are no load balancer no edge
 timer, and a second run changes nothing. The commands are read by the scripts' own argument
-parsers: a flag or value they would refuse fails here."""
+parsers: a flag or value they would refuse fails here, and each script runs, as its unit runs it,
+from exactly the host scripts the deploy installed."""
 
 import argparse
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -64,6 +68,19 @@ def in_order(run: list[str], expected: list[str]) -> bool:
     return all(command in rest for command in expected)
 
 
+def run_as_installed(sim, script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``script`` (its path on the host) run with ``python -I``, as its unit runs it, from a folder
+    holding exactly the host scripts the deploy installed on ``sim``: a sibling it imports that
+    no role installed beside it fails here."""
+    folder = tmp_path / "host-scripts"
+    folder.mkdir()
+    for path, installed in sim.files.items():
+        if Path(path).parent == Path(paths.HOST_SCRIPTS_DIR):
+            (folder / Path(path).name).write_text("\n".join(installed["lines"]) + "\n")
+    return subprocess.run([sys.executable, "-I", str(folder / Path(script).name), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
 def assert_timer(sim, name: str, interval: int) -> None:
     timer = unit(sim, f"{name}.timer")
     assert timer["OnBootSec"] == timer["OnUnitActiveSec"] == [f"{interval}s"] and timer["AccuracySec"] == ["1s"]
@@ -94,16 +111,25 @@ def test_the_load_balancer_runs_edge_metrics_for_every_upstream(host_data, tmp_p
     assert service["SupplementaryGroups"] == ["adm"] and service["StateDirectory"] == ["vllm-fleet/edge-metrics"]
     assert service["PrivateDevices"] == ["yes"] and "DeviceAllow" not in service
     assert_timer(h1, EDGE, 15)
-    script = h1.files[paths.EDGE_METRICS_PATH]
+    script, module = h1.files[paths.EDGE_METRICS_PATH], h1.files[paths.TEXTFILE_PATH]
     assert script["mode"] == 755 and script["lines"] == paths.EDGE_METRICS.read_text().splitlines()
-    # The script, then the units, loaded, proven once, then the timer.
+    assert module["mode"] == 644 and module["lines"] == paths.TEXTFILE.read_text().splitlines()
+    # The script and the module it imports, then the units, loaded, proven once, then the timer.
     run = commands_of(timeline, "h1")
-    order = [f"upload {paths.EDGE_METRICS} -> {paths.EDGE_METRICS_PATH}", f"upload <generated> -> {UNIT_DIR}/{EDGE}.service",
-             f"upload <generated> -> {UNIT_DIR}/{EDGE}.timer", "systemctl daemon-reload",
-             f"systemctl start {EDGE}.service", f"systemctl start {EDGE}.timer", f"systemctl enable {EDGE}.timer"]
+    order = [f"upload {paths.EDGE_METRICS} -> {paths.EDGE_METRICS_PATH}",
+             f"upload {paths.TEXTFILE} -> {paths.TEXTFILE_PATH}",
+             f"upload <generated> -> {UNIT_DIR}/{EDGE}.service", f"upload <generated> -> {UNIT_DIR}/{EDGE}.timer",
+             "systemctl daemon-reload", f"systemctl start {EDGE}.service", f"systemctl start {EDGE}.timer",
+             f"systemctl enable {EDGE}.timer"]
     assert in_order(run, order)
     # After nginx and the node exporter's textfile folder are there.
     assert run.index("systemctl reload nginx.service") < run.index(f"systemctl start {EDGE}.service")
+    # What was installed is all it needs: no upstream answers here, and no log is there.
+    out = tmp_path / "edge.prom"
+    done = run_as_installed(h1, paths.EDGE_METRICS_PATH, tmp_path, "--log", str(tmp_path / "no.log"), "--out", str(out),
+                            "--state", str(tmp_path / "state.json"), "--upstream", "127.0.0.1:9", "--timeout", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert "vllm_fleet_edge_log_up 0" in out.read_text().splitlines()
 
 
 def test_hosts_that_are_no_load_balancer_and_cpu_hosts_get_no_timer_of_either(host_data, tmp_path):
@@ -111,6 +137,7 @@ def test_hosts_that_are_no_load_balancer_and_cpu_hosts_get_no_timer_of_either(ho
     fleet.deploy()
     h1, h2 = fleet.sims["h1"], fleet.sims["h2"]
     assert not [f for f in h2.files if "metrics" in f and f.startswith(("/etc/systemd", paths.HOST_SCRIPTS_DIR))]
+    assert paths.TEXTFILE_PATH not in h2.files
     assert not [f for f in h1.files if GPU in f or f == paths.GPU_METRICS_PATH]
     assert h2.oneshots == [] and not [u for u in h2.running | h2.enabled if "metrics" in u]
 
@@ -165,7 +192,7 @@ def deploy_gpu_host(data, sim):
 
 
 @pytest.mark.parametrize("distro", [debian(12), ubuntu(22, 4)])
-def test_an_nvidia_host_runs_gpu_metrics_with_its_release_python(gpu_data, distro):
+def test_an_nvidia_host_runs_gpu_metrics_with_its_release_python(gpu_data, distro, tmp_path):
     sim = gpu_host(distro, loaded="580.159.04", nouveau_loaded=False)
     data = gpu_data(vllm_gpu_count=1, monitor_scrape_interval=20)
     ops = deploy_gpu_host(data, sim)
@@ -181,10 +208,17 @@ def test_an_nvidia_host_runs_gpu_metrics_with_its_release_python(gpu_data, distr
     assert set(service["DeviceAllow"]) == {"char-nvidiactl rw", "char-nvidia rw", "char-nvidia-uvm rw", "char-nvidia-caps r"}
     assert service["StateDirectory"] == ["vllm-fleet/gpu-metrics"] and service["PrivateNetwork"] == ["yes"]
     assert_timer(sim, GPU, 20)
-    # The script (installed with the GPU checks) and the release link it runs through are there first.
+    # The script and the modules it imports (installed with the GPU checks) and the release link it
+    # runs through are there first.
     run = [c for op in ops for c in op.commands]
-    assert run.index(f"upload {paths.GPU_METRICS} -> {paths.GPU_METRICS_PATH}") < run.index(
-        f"systemctl start {GPU}.service")
+    for local, remote in ((paths.GPU_METRICS, paths.GPU_METRICS_PATH), (paths.GPU_PROBE, paths.GPU_PROBE_PATH),
+                          (paths.TEXTFILE, paths.TEXTFILE_PATH)):
+        assert run.index(f"upload {local} -> {remote}") < run.index(f"systemctl start {GPU}.service")
+    # What was installed is all it needs: without NVML here, it reports 0 of the GPUs expected.
+    out = tmp_path / "gpu.prom"
+    done = run_as_installed(sim, paths.GPU_METRICS_PATH, tmp_path, "--out", str(out), "--expected-count", "1")
+    assert done.returncode == 0 and "reports 0 of 1 GPUs" in done.stderr, done.stderr
+    assert "vllm_fleet_gpu_count 0" in out.read_text().splitlines()
     assert sim.links["/opt/vllm-fleet/current"].startswith("/opt/vllm-fleet/venvs/")
     link = next(c for c in run if c.endswith("mv -T /opt/vllm-fleet/current.new /opt/vllm-fleet/current"))
     assert run.index(link) < run.index(f"systemctl start {GPU}.service")

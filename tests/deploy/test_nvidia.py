@@ -95,15 +95,18 @@ def test_fresh_gpu_host_gets_the_pinned_driver(gpu_data, distro, repo_path, pack
         names.index(next(n for n in names if "Start vllm@a" in n))
 
 
-def test_the_gpu_metrics_script_is_installed_beside_the_probe_it_imports(gpu_data):
-    """gpu_metrics.py imports gpu_probe.py as a sibling module: both land, as they are here and
-    executable, in the one host scripts folder (the textfile timer runs the metrics script there)."""
+def test_the_gpu_metrics_script_is_installed_beside_the_modules_it_imports(gpu_data):
+    """gpu_metrics.py imports gpu_probe.py and textfile.py as sibling modules: all three land, as
+    they are here, in the one host scripts folder (the textfile timer runs the metrics script
+    there); the two scripts executable, textfile.py (a module only) not."""
     sim = gpu_host(ubuntu(22, 4))
     run(gpu_data(nvidia_allow_reboot=True), sim)
-    for local, remote in ((paths.GPU_PROBE, paths.GPU_PROBE_PATH), (paths.GPU_METRICS, paths.GPU_METRICS_PATH)):
+    for local, remote, mode in ((paths.GPU_PROBE, paths.GPU_PROBE_PATH, 755),
+                                (paths.GPU_METRICS, paths.GPU_METRICS_PATH, 755),
+                                (paths.TEXTFILE, paths.TEXTFILE_PATH, 644)):
         assert remote.rsplit("/", 1) == [paths.HOST_SCRIPTS_DIR, local.name]
         assert sim.files[remote]["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
-        assert sim.files[remote]["mode"] == 755
+        assert sim.files[remote]["mode"] == mode
 
 
 @pytest.mark.parametrize("distro", [ubuntu(22, 4), ubuntu(24, 4), debian(12)])

@@ -3,10 +3,11 @@ test_gpu_xid_events.py): the host scripts loaded as hosts load them, stand-ins f
 journalctl, the recorded and synthetic GPU hosts, and an independent parser of Prometheus' text
 exposition format. Not a test module.
 
-gpu_metrics.py imports its sibling gpu_probe.py as the top-level module ``gpu_probe`` (on a host
-both sit in /usr/local/lib/vllm-fleet, the script's sys.path[0]); here roles/files/ goes on
-sys.path the same way, so the tests import the very modules a host runs (never
-``roles.files.gpu_probe``: another module object than the one gpu_metrics.py calls)."""
+gpu_metrics.py imports its siblings gpu_probe.py and textfile.py as the top-level modules
+``gpu_probe`` and ``textfile`` (on a host all sit in /usr/local/lib/vllm-fleet, the script's
+sys.path[0]); here roles/files/ goes on sys.path the same way, so the tests import the very
+modules a host runs (never ``roles.files.gpu_probe``: another module object than the one
+gpu_metrics.py calls)."""
 
 import copy
 import importlib.util
