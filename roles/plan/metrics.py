@@ -11,19 +11,65 @@ engine wheel carries the same metrics code (roles/release/engine_source.py).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from roles.errors import FleetConfigError
 from roles.release.metrics import VLLM_PREFIX, metrics_file, release_metrics
 
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)")
+# A sample line of Prometheus's text format: NAME[{LABELS}] VALUE [TIMESTAMP]. The labels are
+# matched greedily up to the last "}" before the value: a label value may hold "}" itself.
+_SAMPLE = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?[ \t]+"
+                     r"([+-]?(?:Inf|NaN|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?))(?:[ \t]+-?[0-9]+)?")
+_LABEL = re.compile(r'[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(?:,|$)')
+_ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a /metrics page: its series (the name, and the labels sorted by name, so one
+    series is one key whatever order the page gives them in) and its value."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
+
+
+def parse_exposition(exposition: str) -> list[Sample]:
+    """The samples of a /metrics page in Prometheus's text format; comments and blank lines are
+    skipped. A line that is no sample is refused with ValueError, naming it: a page misread would
+    show wrong numbers rather than none."""
+    return [_sample(line.strip()) for line in exposition.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _sample(line: str) -> Sample:
+    match = _SAMPLE.fullmatch(line)
+    labels = _labels(match.group(2) or "") if match else None
+    if labels is None:
+        raise ValueError(f"not a sample line of Prometheus's text format: {line!r}")
+    return Sample(match.group(1), labels, float(match.group(3)))
+
+
+def _labels(text: str) -> tuple[tuple[str, str], ...] | None:
+    """NAME="VALUE" pairs, comma-separated (a trailing comma allowed); None when ``text`` is not."""
+    labels, position = {}, 0
+    while position < len(text):
+        match = _LABEL.match(text, position)
+        if match is None:
+            return None
+        labels[match.group(1)] = re.sub(r'\\[\\"n]', lambda escape: _ESCAPES[escape.group(0)], match.group(2))
+        position = match.end()
+    return tuple(sorted(labels.items()))
 
 
 def exposed_names(exposition: str) -> set[str]:
     """The sample names of a /metrics page in Prometheus's text format."""
-    return {m.group(1) for line in exposition.splitlines()
-            if not line.startswith("#") and (m := _SAMPLE.match(line))}
+    return {sample.name for sample in parse_exposition(exposition)}
 
 
 def check_release_metrics(release_name: str, releases_dir: Path, used: Mapping[str, Iterable[str]]) -> None:
