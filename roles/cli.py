@@ -51,53 +51,10 @@ def plan(args) -> int:
     return 0
 
 
-# Run on the monitor host, where Prometheus listens on loopback: every status query, one JSON answer.
-_STATUS_SCRIPT = ("import json, sys, urllib.parse, urllib.request as u\n"
-                  "answers = {}\n"
-                  "for column, query in json.loads(sys.argv[2]).items():\n"
-                  "    url = 'http://' + sys.argv[1] + '/api/v1/query?query=' + urllib.parse.quote(query, safe='')\n"
-                  "    answers[column] = json.load(u.urlopen(url, timeout=30))['data']['result']\n"
-                  "print(json.dumps(answers))\n")
-
-
 def status(args) -> int:
-    """Ask the fleet's Prometheus, on the first monitor host (through pyinfra's own connection to
-    it, with the inventory's ssh settings), and print the instances' state."""
-    import json
-    import shlex
+    from roles.status_view import show  # pyinfra's connection: only this command needs it
 
-    from pyinfra.api import Config, State, StringCommand
-    from pyinfra.context import ctx_host, ctx_state
-    from pyinfra_cli.inventory import make_inventory
-
-    from roles.plan.fleet import MONITOR_GROUP
-    from roles.plan.monitoring import PROMETHEUS_ADDRESS
-    from roles.plan.status import QUERIES, table
-    from roles.preflight import capacity_only
-
-    if not Path(args.inventory).is_file():
-        raise FleetConfigError("`vllm-fleet status INVENTORY`", f"{args.inventory} is not a file.",
-                               "give a pyinfra inventory file, e.g. inventories/lab.py.")
-    state = State()
-    with ctx_state.use(state), capacity_only():
-        inventory = make_inventory(args.inventory, cwd=os.getcwd())
-    monitors = inventory.get_group(MONITOR_GROUP, default=[])
-    if not monitors:
-        raise FleetConfigError(f"inventory group `{MONITOR_GROUP}`", "has no hosts: the status view reads the "
-                               "fleet's Prometheus, which runs on the monitor hosts.",
-                               "add a monitor group to the inventory and deploy (README: Monitoring).")
-    state.init(inventory, Config())
-    host = monitors[0]
-    command = shlex.join(["python3", "-c", _STATUS_SCRIPT, PROMETHEUS_ADDRESS, json.dumps(QUERIES)])
-    with ctx_state.use(state), ctx_host.use(host):
-        host.connect(raise_exceptions=True)
-        ok, output = host.run_shell_command(StringCommand(command))
-        host.disconnect()
-    if not ok:
-        print(f"status: Prometheus on {host.name} did not answer: {output.stderr}", file=sys.stderr)
-        return 1
-    print(f"as Prometheus on {host.name} sees the fleet:\n{table(json.loads(output.stdout))}")
-    return 0
+    return show(args)
 
 
 def show_settings(args) -> int:
@@ -368,6 +325,7 @@ More clients: `vllm-fleet keys add {lab_secrets()} NAME`, then deploy again (`ma
 
 def parser() -> argparse.ArgumentParser:
     from roles.lab.config import DEFAULT_HOSTS
+    from roles.plan import status as status_plan
     from roles.release.manifest import RELEASES_DIR
 
     top = _Parser(prog="vllm-fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,8 +335,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("inventory", help="a pyinfra inventory file, e.g. inventories/prod.py")
     p.set_defaults(run=plan)
     p = commands.add_parser("status", help="each instance's health, release, load, KV cache, tokens/s and TTFT, "
-                                           "from the fleet's Prometheus")
-    p.add_argument("inventory", help="a pyinfra inventory file with a monitor group, e.g. inventories/lab.py")
+                                           "from the fleet's Prometheus, else straight from the instances")
+    p.add_argument("inventory", help="a pyinfra inventory file, e.g. inventories/lab.py")
+    p.add_argument("--direct", action="store_true",
+                   help="read the instances on their hosts even when the fleet has a monitor group")
+    p.add_argument("--window", type=float, metavar="SECONDS",
+                   help=f"the direct view's sampling window ({status_plan.MIN_SAMPLE_S:g} to "
+                        f"{status_plan.MAX_SAMPLE_S:g}, default {status_plan.DEFAULT_SAMPLE_S:g})")
     p.set_defaults(run=status)
     p = commands.add_parser("settings", help="every setting, its type, default and meaning")
     p.add_argument("name", nargs="?", help="only this setting")

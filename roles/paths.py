@@ -17,6 +17,8 @@ GPU_METRICS = HOST_SCRIPTS / "gpu_metrics.py"
 EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
 # What both textfile scripts import (the exposition, atomic writes, their state): beside each of them.
 TEXTFILE = HOST_SCRIPTS / "textfile.py"
+# `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
+SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
 # Per-host JSON records of the NVML gate, relative to where pyinfra runs.
 LOCAL_GPU_RECORDS = Path(".cache/gpu-health")
 
