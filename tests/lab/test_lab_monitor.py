@@ -205,3 +205,20 @@ def test_the_status_view_shows_every_instance_up_with_its_release(monitor_host):
     rows = [line.split() for line in done.stdout.splitlines()[2:]]
     assert sorted(row[0] for row in rows) == ["lab1:a", "lab1:b", "lab2:a"]
     assert all(row[1] == "up" and row[2].startswith("cpu-vllm-") for row in rows), rows
+
+
+def test_the_direct_status_view_reads_every_instance_on_its_host(monitor_host):
+    """--direct: each lab host's instances sampled on the host itself (over ssh), not from Prometheus."""
+    import subprocess
+    import sys
+
+    from tests.lab.labkit import REPO
+
+    done = subprocess.run([sys.executable, "-m", "roles.cli", "status", "inventories/lab.py", "--direct",
+                           "--window", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    print("\n" + done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "straight from the instances, sampled over 5 s:"
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert sorted(row[0] for row in rows) == ["lab1:a", "lab1:b", "lab2:a"]
+    assert all(row[1] == "up" and row[2].startswith("cpu-vllm-") and row[3] != "-" for row in rows), rows
