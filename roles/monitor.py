@@ -30,6 +30,7 @@ from roles.plan.fleet import HostPlan
 from roles.plan.monitoring import MonitorPlan
 from roles.platform import install_packages
 from roles.private_files import private_file
+from roles.sandbox import sandboxed_service
 
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 # The units the node exporter's systemd collector reports (active, failed...), for the alerts.
@@ -40,7 +41,6 @@ SERVICE_USER = "prometheus"
 ALERTMANAGER_DATA = "/var/lib/prometheus/alertmanager"
 _TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(paths.TEMPLATES / "prometheus"), trim_blocks=True,
                                 keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-_HARDENING = _TEMPLATES.get_template("hardening.conf.j2")
 # The textfile scripts' units (NAME.service and NAME.timer), and what each writes where. Each
 # keeps its state in a StateDirectory= of its own, under /var/lib.
 GPU_METRICS_UNIT = "vllm-fleet-gpu-metrics"
@@ -61,24 +61,6 @@ def _defaults(name: str, args: list[str]) -> str:
     return f'# Managed by vllm-fleet (roles/monitor.py).\nARGS="{" ".join(args)}"\n'
 
 
-def _service(package: str, *configuration, writable: tuple[str, ...] = (), hide_processes: bool = True,
-             reads_clock: bool = False) -> None:
-    """The packaged service sandboxed (a drop-in; ``writable``: the folders it writes), running
-    and enabled, restarted when its sandbox, arguments or configuration (the operations
-    ``configuration``) changed. Whether they did is known only once they ran: an ``_if=``
-    callable, never ``did_change()`` while the deploy is being prepared."""
-    unit = f"{package}.service"
-    sandbox = files.put(name=f"Sandbox {unit}", dest=f"/etc/systemd/system/{unit}.d/vllm-fleet-hardening.conf",
-                        src=StringIO(_HARDENING.render(unit=unit, writable=writable, hide_processes=hide_processes,
-                                                       reads_clock=reads_clock)),
-                        create_remote_dir=True)
-    systemd.daemon_reload(name="Reload systemd units", _if=sandbox.did_change)
-    configuration = (sandbox, *configuration)
-    systemd.service(name=f"Run {package}", service=package, running=True, enabled=True)
-    systemd.service(name=f"Restart {package} on its new configuration", service=package, restarted=True,
-                    _if=any_changed(*configuration))
-
-
 @deploy("Node exporter")
 def node_exporter():
     install_packages("Install the node exporter", ["prometheus-node-exporter"], no_recommends=True)
@@ -87,7 +69,7 @@ def node_exporter():
                          src=StringIO(_defaults("prometheus-node-exporter", [
                              "--collector.systemd", f"--collector.systemd.unit-include={UNITS}",
                              f"--collector.textfile.directory={TEXTFILE_DIR}"])))
-    _service("prometheus-node-exporter", defaults, hide_processes=False, reads_clock=True)
+    sandboxed_service("prometheus-node-exporter", defaults, hide_processes=False, reads_clock=True)
 
 
 @deploy("nginx exporter")
@@ -102,7 +84,7 @@ def nginx_exporter():
                          src=StringIO(_defaults("prometheus-nginx-exporter", [
                              f"--nginx.scrape-uri=http://127.0.0.1:{monitoring.STUB_STATUS_PORT}/stub_status"])))
     install_packages("Install the nginx exporter", ["prometheus-nginx-exporter"], no_recommends=True)
-    _service("prometheus-nginx-exporter", defaults)
+    sandboxed_service("prometheus-nginx-exporter", defaults)
 
 
 @deploy("Prometheus and Alertmanager")
@@ -122,7 +104,7 @@ def monitor_server(plan: MonitorPlan, data):
         "prometheus", [f"--storage.tsdb.path={storage}",
                        f"--storage.tsdb.retention.time={settings.value(data, 'monitor_retention')}",
                        f"--web.listen-address={monitoring.PROMETHEUS_ADDRESS}"])))
-    _service("prometheus", prometheus_args, rules, config, writable=(storage,))
+    sandboxed_service("prometheus", prometheus_args, rules, config, writable=(storage,))
     # The webhook URL may carry a token (chat and paging bridges put one in the path): a private
     # file, which amtool checks before it replaces the running one as promtool does Prometheus's.
     receiver = private_file(name="Alertmanager receiver (checked with amtool)",
@@ -133,7 +115,7 @@ def monitor_server(plan: MonitorPlan, data):
                                       f"--web.listen-address={monitoring.ALERTMANAGER_ADDRESS}",
                                       # One Alertmanager, no cluster: nothing listens on its gossip port.
                                       "--cluster.listen-address="])))
-    _service("prometheus-alertmanager", alertmanager_args, receiver, writable=(ALERTMANAGER_DATA,))
+    sandboxed_service("prometheus-alertmanager", alertmanager_args, receiver, writable=(ALERTMANAGER_DATA,))
 
 
 # ---- the fleet's own textfile scripts, run by timers ---------------------------------------------
