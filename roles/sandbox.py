@@ -33,7 +33,9 @@ def sandboxed_service(service: str, *configuration, writable: tuple[str, ...] = 
                                                        reads_clock=reads_clock)),
                         create_remote_dir=True)
     systemd.daemon_reload(name="Reload systemd units", _if=sandbox.did_change)
-    configuration = (sandbox, *configuration)
+    # The restart first: systemd.service restarts only a running service, so one that its package
+    # leaves stopped (Grafana's) starts once, on its new configuration, rather than starting on it
+    # and restarting at once; one its package started (Prometheus's) restarts, then is running.
+    systemd.service(name=f"Restart {service} on its new configuration", service=service, running=None,
+                    restarted=True, _if=any_changed(sandbox, *configuration))
     systemd.service(name=f"Run {service}", service=service, running=True, enabled=True)
-    systemd.service(name=f"Restart {service} on its new configuration", service=service, restarted=True,
-                    _if=any_changed(*configuration))

@@ -285,3 +285,14 @@ def test_every_monitoring_service_runs_in_a_sandbox_that_restarts_it_when_change
     assert run.index("systemctl daemon-reload") < run.index("systemctl restart prometheus.service")
     # A second run leaves the sandboxes, and so the services, alone.
     assert "systemctl restart prometheus.service" not in commands_of(fleet.deploy(), "h2")
+
+
+def test_a_stopped_service_with_a_new_configuration_starts_once_on_it(host_data, tmp_path):
+    fleet = Fleet(host_data, tmp_path)
+    fleet.deploy()
+    fleet.sims["h2"].running.discard("prometheus.service")
+    fleet.data["h2"]["monitor_scrape_interval"] = 30
+    run = commands_of(fleet.deploy(), "h2")
+    assert "systemctl start prometheus.service" in run and "systemctl restart prometheus.service" not in run
+    assert run.index("mv -f /etc/prometheus/prometheus.yml.new /etc/prometheus/prometheus.yml") < \
+        run.index("systemctl start prometheus.service")
