@@ -23,9 +23,9 @@ from pyinfra.facts.server import Command, KernelVersion, LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from roles import paths
+from roles import apt_repository, paths
 from roles.errors import FleetConfigError
-from roles.facts import AptHolds, NvidiaModuleVersion, PciNvidia, SecureBoot
+from roles.facts import NvidiaModuleVersion, PciNvidia, SecureBoot
 from roles.gates import failure, stop_host
 from roles.plan import settings
 from roles.plan.fleet import HostPlan
@@ -66,17 +66,15 @@ def driver_platform(host_name: str, distro: dict, driver: Driver) -> DriverPlatf
                            "use one of those for GPU hosts.")
 
 
-def sources_file(repo_url: str, repo_path: str) -> str:
-    """deb822 source of NVIDIA's flat CUDA repository, trusted only with its own keyring."""
-    return (f"Types: deb\nURIs: {repo_url.rstrip('/')}/{repo_path}/x86_64/\nSuites: /\n"
-            f"Signed-By: {paths.NVIDIA_KEYRING}\n")
+def repo_folder(repo_url: str, repo_path: str) -> str:
+    """The folder of NVIDIA's flat CUDA repository for one distribution: its packages and its key."""
+    return f"{repo_url.rstrip('/')}/{repo_path}/x86_64/"
 
 
 def pin_file(driver: Driver) -> str:
     """Pin every NVIDIA driver package to the release's exact version (any packaging suffix)."""
-    return ("# Managed by vllm-fleet: the driver of the pinned release, nothing newer or older.\n"
-            "Package: nvidia-* libnvidia-* libxnvctrl*\n"
-            f"Pin: version {driver.version}-*\nPin-Priority: 1001\n")
+    return apt_repository.pin_file("nvidia-* libnvidia-* libxnvctrl*", f"{driver.version}-*",
+                                   "the driver of the pinned release, nothing newer or older.")
 
 
 def reboot_reason(loaded: str | None, driver: Driver, nouveau_loaded: bool) -> str | None:
@@ -195,17 +193,11 @@ def driver(plan: HostPlan):
     # otherwise); the pin covers it like every nvidia-* package.
     packages = [*plat.packages, *([plat.fabric_manager] if pci["nvswitches"] else [])]
 
-    key = files.download(name="NVIDIA repository signing key", src=f"{repo_url.rstrip('/')}/{plat.repo_path}"
-                         f"/x86_64/{settings.value(plan.data, 'nvidia_repo_key')}", dest=f"{paths.NVIDIA_KEYRING}.asc")
-    fingerprint = settings.value(plan.data, "nvidia_repo_key_fingerprint")
-    keyring, asc = shlex.quote(paths.NVIDIA_KEYRING), shlex.quote(f"{paths.NVIDIA_KEYRING}.asc")
-    server.shell(name="Check the key's fingerprint, then install it as the repository's keyring",
-                 commands=[f"gpg --show-keys --with-colons {asc} | grep -q {shlex.quote(f'^fpr:*{fingerprint}:')} "
-                           f"|| {{ echo {shlex.quote(f'the downloaded key is not {fingerprint}')} >&2; exit 1; }}",
-                           f"gpg --dearmor --yes -o {keyring} {asc}"],
-                 _if=key.did_change)
-    source = files.put(name="NVIDIA CUDA repository (deb822)", src=StringIO(sources_file(repo_url, plat.repo_path)),
-                       dest=paths.NVIDIA_SOURCES)
+    folder = repo_folder(repo_url, plat.repo_path)
+    source = apt_repository.signed_source(
+        "NVIDIA CUDA repository", key_url=folder + settings.value(plan.data, "nvidia_repo_key"),
+        fingerprint=settings.value(plan.data, "nvidia_repo_key_fingerprint"), keyring=paths.NVIDIA_KEYRING,
+        sources=paths.NVIDIA_SOURCES, source_text=apt_repository.deb822_source(folder, "/", paths.NVIDIA_KEYRING))
     pin = files.put(name=f"Pin the driver to {drv.version}", src=StringIO(pin_file(drv)), dest=paths.NVIDIA_PIN_FILE)
     nouveau = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
                         dest=paths.NOUVEAU_BLACKLIST)
@@ -214,10 +206,7 @@ def driver(plan: HostPlan):
     installed = apt.packages(name=f"Install the NVIDIA {drv.branch} driver {drv.version}",
                              packages=[f"linux-headers-{kernel}", "dkms", *packages], no_recommends=True,
                              extra_install_args=APT_INSTALL_ARGS)
-    held = set(host.get_fact(AptHolds))
-    if not set(packages) <= held:
-        server.shell(name="Hold the driver packages (no unattended upgrade may move them)",
-                     commands=[shlex.join(["apt-mark", "hold", *sorted(packages)])])
+    apt_repository.hold("Hold the driver packages (no unattended upgrade may move them)", packages)
     driver_loaded(name="Load the pinned driver (reboot only if needed and allowed)", driver=drv,
                   allow_reboot=settings.value(plan.data, "nvidia_allow_reboot"))
     systemd.service(name="Persistence daemon", service="nvidia-persistenced", running=True, enabled=True)
