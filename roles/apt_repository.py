@@ -13,6 +13,7 @@ from pyinfra import host
 from pyinfra.operations import files, server
 
 from roles.facts import AptHolds
+from roles.platform import install_packages
 
 
 def deb822_source(uri: str, suite: str, keyring: str, components: tuple[str, ...] = ()) -> str:
@@ -33,6 +34,9 @@ def signed_source(repository: str, key_url: str, fingerprint: str, keyring: str,
     """The repository's key from ``key_url``, installed as ``keyring`` once its fingerprint is
     ``fingerprint`` (a different key stops the host), then its deb822 source ``source_text`` at
     ``sources``. Returns the source's operation: when it changed, apt's lists need a refresh."""
+    # A minimal Debian 12 (debootstrap's minbase, the lab's base) has neither curl nor gpg.
+    install_packages(f"What fetches and checks the {repository}'s key", ["ca-certificates", "curl", "gpg"],
+                     no_recommends=True)
     key = files.download(name=f"{repository} signing key", src=key_url, dest=f"{keyring}.asc")
     keyring_q, asc = shlex.quote(keyring), shlex.quote(f"{keyring}.asc")
     server.shell(name="Check the key's fingerprint, then install it as the repository's keyring",
