@@ -1,5 +1,6 @@
 """The host firewall of one fleet host, planned from inventory data alone: which TCP ports are
-open to everyone, which only to the load balancers (and later a monitoring host), and SSH.
+open to everyone, which only to the load balancers and the monitoring hosts, Grafana's to the
+sources the inventory names (only where it listens off loopback), and SSH.
 
 ``roles/firewall.py`` renders the plan into one nftables table (``inet vllm_fleet``) and loads it.
 The plan never needs a host; what it cannot express is refused here with a ``FleetConfigError``:
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from roles.errors import FleetConfigError
-from roles.plan import consistency, settings
+from roles.plan import consistency, grafana, settings
 from roles.plan.monitoring import NGINX_EXPORTER_PORT, NODE_EXPORTER_PORT
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class FirewallPlan:
     # Exporters (node, nginx) the monitoring hosts scrape: open to ``monitor_sources`` only.
     exporter_ports: tuple[int, ...] = ()
     monitor_sources: tuple[Source, ...] = ()
+    # Grafana's port where it listens off loopback: open to grafana_allow_from (networks, canonical) only.
+    grafana_port: int | None = None
+    grafana_sources: tuple[str, ...] = ()
 
     @property
     def sources_v4(self) -> tuple[str, ...]:
@@ -74,6 +78,14 @@ class FirewallPlan:
     @property
     def monitor_sources_v6(self) -> tuple[str, ...]:
         return tuple(s.address for s in self.monitor_sources if s.version == 6)
+
+    @property
+    def grafana_sources_v4(self) -> tuple[str, ...]:
+        return tuple(s for s in self.grafana_sources if ipaddress.ip_network(s).version == 4)
+
+    @property
+    def grafana_sources_v6(self) -> tuple[str, ...]:
+        return tuple(s for s in self.grafana_sources if ipaddress.ip_network(s).version == 6)
 
     def with_ssh_ports(self, ports: Iterable[int]) -> FirewallPlan:
         """The plan with more SSH ports kept open: those the host's sshd listens on, read from the
@@ -143,14 +155,15 @@ def _refuse_open_instance_ports(host_name: str, instance_ports: Iterable[int],
 
 def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, instance_ports: Iterable[int] = (),
                   lb_addresses: Iterable[PeerAddress] = (), monitor_sources: Iterable[PeerAddress] = (),
-                  exporter_ports: Iterable[int] = ()) -> FirewallPlan | None:
+                  exporter_ports: Iterable[int] = (), grafana_port: int | None = None) -> FirewallPlan | None:
     """The firewall of one host, or None when ``firewall_enabled`` is false (the role then takes
     any vllm-fleet firewall off the host).
 
     ``data``: the host's data; ``is_lb``: whether it is in the ``lb`` group (its edge ports are
     open to everyone); ``instance_ports``: the ports of its instances, open only to
     ``lb_addresses`` (``peer_addresses`` of the ``lb`` group) and ``monitor_sources`` (the same,
-    of monitoring hosts). Addresses are needed, and checked, only where there are instances."""
+    of monitoring hosts). Addresses are needed, and checked, only where there are instances.
+    ``grafana_port``: Grafana's, where it listens off loopback: open to ``grafana_allow_from``."""
     if not settings.value(data, "firewall_enabled"):
         return None
     ssh = _port(host_name, "ssh_port", DEFAULT_SSH_PORT if data.get("ssh_port") is None else data["ssh_port"])
@@ -175,7 +188,10 @@ def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, insta
     return FirewallPlan(host=host_name, ssh_ports=(ssh,),
                         open_tcp=tuple(sorted({port for port, _ in opened} - {ssh})),
                         instance_ports=ports, sources=tuple(sources.values()),
-                        exporter_ports=exporters if monitors else (), monitor_sources=tuple(monitors.values()))
+                        exporter_ports=exporters if monitors else (), monitor_sources=tuple(monitors.values()),
+                        grafana_port=grafana_port,
+                        grafana_sources=tuple(dict.fromkeys(ipaddress.ip_network(s).compressed for s in (
+                            settings.value(data, "grafana_allow_from") if grafana_port else ()))))
 
 
 def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addresses: Iterable[PeerAddress],
@@ -186,6 +202,8 @@ def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addr
     is_lb = host_name in fleet.lb_hosts
     # Every host runs a node exporter when there is a monitoring host; load balancers an nginx one.
     exporters = [NODE_EXPORTER_PORT, *([NGINX_EXPORTER_PORT] if is_lb else [])]
+    runs_grafana = fleet.grafana is not None and host_name in fleet.grafana.hosts
     return plan_firewall(host_name, data, is_lb=is_lb,
                          instance_ports=[i.port for i in host_plan.instances] if host_plan else (),
-                         lb_addresses=lb_addresses, monitor_sources=monitor_sources, exporter_ports=exporters)
+                         lb_addresses=lb_addresses, monitor_sources=monitor_sources, exporter_ports=exporters,
+                         grafana_port=grafana.opened_port(data) if runs_grafana else None)

@@ -22,6 +22,7 @@ from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.gpus import GpuSpec, gpu_spec
+from roles.plan.grafana import GRAFANA_GROUP, GrafanaPlan, plan_grafana
 from roles.plan.metrics import check_release_metrics
 from roles.plan.model import ModelArch
 from roles.plan.monitoring import MonitorPlan, plan_monitoring
@@ -37,6 +38,7 @@ HF_CACHE = Path("~/.cache/huggingface/hub").expanduser()
 VLLM_GROUP = "vllm"
 LB_GROUP = "lb"
 MONITOR_GROUP = "monitor"
+# And GRAFANA_GROUP (roles/plan/grafana.py): the monitor hosts that run Grafana too.
 
 # A local model directory's name becomes a folder name on hosts and, by default, the served name.
 MODEL_DIR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -127,6 +129,8 @@ class FleetPlan:
     firewalls: tuple[tuple[str, FirewallPlan | None], ...] = ()
     # Prometheus's targets, when the inventory has a monitor group.
     monitoring: MonitorPlan | None = None
+    # Where Grafana runs, when the inventory has a grafana group.
+    grafana: GrafanaPlan | None = None
 
     @property
     def upstreams(self) -> list[str]:
@@ -388,7 +392,8 @@ def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
         return plan
     return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
                                    [(h.name, h.data.dict()) for h in inventory], Path.cwd(),
-                                   [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])])
+                                   [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])],
+                                   [h.name for h in inventory.get_group(GRAFANA_GROUP, default=[])])
 
 
 def check_monitored_metrics(plan: FleetPlan, monitor_data: Mapping[str, Any], base_dir: Path) -> None:
@@ -402,15 +407,17 @@ def check_monitored_metrics(plan: FleetPlan, monitor_data: Mapping[str, Any], ba
 
 def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[str, Any]]],
                             hosts: list[tuple[str, Mapping[str, Any]]], base_dir: Path,
-                            monitor_hosts: Iterable[str] = ()) -> FleetPlan:
+                            monitor_hosts: Iterable[str] = (), grafana_hosts: Iterable[str] = ()) -> FleetPlan:
     """``plan`` with its edge (clients, keys, TLS; read from the load balancers' secrets folder),
-    its monitoring (when ``monitor_hosts``) and the firewall of every host of the inventory."""
+    its monitoring (when ``monitor_hosts``), its Grafana (when ``grafana_hosts``) and the firewall
+    of every host of the inventory."""
     edges = plan_fleet_edge(lb_hosts, base_dir)
     lb_addresses = peer_addresses(lb_hosts)
     monitors = tuple(monitor_hosts)
     monitor_addresses = peer_addresses((name, data) for name, data in hosts if name in monitors)
     if monitors:
         check_monitored_metrics(plan, dict(hosts)[monitors[0]], base_dir)
-    return replace(plan, edges=edges, monitoring=plan_monitoring(plan, hosts, monitors),
-                   firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses, monitor_addresses))
-                                   for name, data in hosts))
+    plan = replace(plan, edges=edges, monitoring=plan_monitoring(plan, hosts, monitors),
+                   grafana=plan_grafana(plan, hosts, grafana_hosts, monitors))
+    return replace(plan, firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses, monitor_addresses))
+                                         for name, data in hosts))

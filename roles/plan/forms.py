@@ -33,6 +33,22 @@ def _address(text: str) -> bool:
         return _HOST_NAME(text)
 
 
+def _ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _ip_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=True)
+        return "%" not in text  # nft matches addresses, not an IPv6 address's zone
+    except ValueError:
+        return False
+
+
 def _engine_arg(text: str) -> bool:
     return bool(text) and text.isprintable() and not any(c.isspace() for c in text)
 
@@ -64,6 +80,21 @@ ADDRESS = Form("an IP address or a host name (letters, digits, '-', '_' and dots
 URL = Form("an http or https URL of letters, digits and ._~%+,=@:/- (no whitespace or quotes)",
            "https://cuda-mirror.internal/compute/cuda/repos",
            _pattern(r"https?://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%+,=@:-]*)*"))
+HTTPS_URL = Form("an https URL of letters, digits and ._~%+,=@:/- (no whitespace or quotes)",
+                 "https://mirror.example.internal/grafana",
+                 _pattern(r"https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%+,=@:-]*)*"))
+IP_ADDRESS = Form("an IP address (IPv4 or IPv6, no name)", "127.0.0.1", _ip_address)
+# Names are refused: nft resolves a name once, when the rules load.
+IP_NETWORK = Form("an IP address or network in CIDR form (e.g. 10.0.0.0/24; no host bits set, no name or %zone)",
+                  "10.0.0.0/24", _ip_network)
+APT_SUITE = Form("an apt suite name of letters, digits and ._- (e.g. stable)", "stable",
+                 _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*"))
+# What `apt-cache policy` lists and `apt-get install NAME=VERSION` takes; no epoch (no ':').
+DEB_VERSION = Form("a Debian package version without epoch: a digit, then letters, digits and .+~-", "12.1.1",
+                   _pattern(r"[0-9][A-Za-z0-9.+~-]*"))
+# Grafana's login names, as they reach grafana.ini (no ';' or '#', which start a comment there).
+GRAFANA_LOGIN = Form("1 to 64 letters, digits and ._@- starting with a letter or digit", "admin",
+                     _pattern(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"))
 FILE_NAME = Form("a file name of letters, digits and ._+- (no '/')", "3bf863cc.pub",
                  _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]*"))
 RELEASE_NAME = Form("a manifest name of letters, digits and ._+- (the file name without .yml)",

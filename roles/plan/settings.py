@@ -1,7 +1,7 @@
 """Every user-facing setting of vllm-fleet, declared once: name, type, default, one line of doc.
 
 Settings live in pyinfra host or group data. Each is prefixed by the role that reads it
-(``vllm_``, ``nginx_``, ``nvidia_``). Settings marked ``per_instance`` may also be given, without the
+(``vllm_``, ``nginx_``, ``nvidia_``, ``firewall_``, ``monitor_``, ``grafana_``). Settings marked ``per_instance`` may also be given, without the
 prefix, inside one entry of ``vllm_instances`` to override the host's value for that
 instance. ``vllm-fleet settings`` prints this table.
 
@@ -20,15 +20,21 @@ from roles.errors import FleetConfigError
 from roles.plan.forms import (
     ABSOLUTE_PATH,
     ADDRESS,
+    APT_SUITE,
     COMMIT,
     CPU_LIST,
+    DEB_VERSION,
     DURATION,
     EDGE_ROUTES,
     ENGINE_ARG,
     FILE_NAME,
     FINGERPRINT,
+    GRAFANA_LOGIN,
     HF_REPO_ID,
+    HTTPS_URL,
     INSTANCE_NAME,
+    IP_ADDRESS,
+    IP_NETWORK,
     NGINX_SIZE,
     POSIX_USER,
     PYTHON,
@@ -41,7 +47,7 @@ from roles.plan.forms import (
 )
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
-ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_", "monitor_")
+ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_", "monitor_", "grafana_")
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,36 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=1),
     Setting("monitor_disk_free_min", float, 0.10,
             "Alert when the model cache's file system has less than this fraction free.", above=0, maximum=1),
+    # --- Grafana (roles/grafana.py; hosts of the `grafana` group, each a monitor host too) ----------------
+    Setting("grafana_repo_url", str, None,
+            "An apt repository serving Grafana's `grafana` package (your mirror of Grafana's own: the folder holding "
+            "dists/ and the signing key); required on grafana hosts, which the distributions' archives do not "
+            "serve Grafana to.", form=HTTPS_URL),
+    Setting("grafana_repo_suite", str, "stable", "The repository's suite: stable, or beta for Grafana's pre-releases.",
+            form=APT_SUITE),
+    Setting("grafana_repo_key", str, "gpg-full.key",
+            "File name of the repository's signing key, at the top of grafana_repo_url.", form=FILE_NAME),
+    Setting("grafana_repo_key_fingerprint", str, "B53AE77BADB630A683046005963FA27710458545",
+            "Fingerprint the downloaded signing key must have; a different key stops the host.", form=FINGERPRINT),
+    Setting("grafana_version", str, None,
+            "Version of the grafana package, exactly as `apt-cache policy grafana` lists it (e.g. 12.1.1): pinned "
+            "and held; required on grafana hosts (a newer Grafana migrates its database one way, so it comes only "
+            "when you change this).", form=DEB_VERSION),
+    Setting("grafana_listen_address", str, "127.0.0.1",
+            "Address Grafana listens on; loopback by default (`ssh -L 3000:127.0.0.1:3000 HOST` to look). Another "
+            "one needs grafana_allow_from.", form=IP_ADDRESS),
+    Setting("grafana_port", int, 3000, "Port Grafana listens on (1024 or above: it runs unprivileged).",
+            minimum=1024, maximum=65535),
+    Setting("grafana_allow_from", list, [],
+            "Addresses or networks allowed to reach Grafana when grafana_listen_address is not loopback (the host "
+            "firewall opens grafana_port to them alone, never to everyone: Grafana serves plain HTTP).",
+            item=str, form=IP_NETWORK),
+    Setting("grafana_root_url", str, None,
+            "URL browsers reach Grafana at, when it is not http://localhost:grafana_port/ (a proxy of your own); "
+            "Grafana builds its links and redirects from it.", form=URL),
+    Setting("grafana_admin_user", str, "admin",
+            "Grafana's administrator; its password is generated once into nginx_secrets_dir "
+            "(grafana-admin.password).", form=GRAFANA_LOGIN),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

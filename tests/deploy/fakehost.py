@@ -144,15 +144,15 @@ def session_secrets_dir() -> Path:
 
 def fleet_plan(hosts: Iterable[tuple[str, Mapping]], lb_hosts: Iterable[str | tuple[str, Mapping]],
                secrets_dir: Path | None = None, base_dir: Path = REPO_ROOT,
-               monitor_hosts: Iterable[str] = ()) -> FleetPlan:
+               monitor_hosts: Iterable[str] = (), grafana_hosts: Iterable[str] = ()) -> FleetPlan:
     """The plan a deploy runs on, as ``plan_inventory`` makes it: ``plan_fleet``, then the edge,
     the monitoring and every host's firewall (``with_edge_and_firewalls``).
 
     ``hosts``: (name, data) of the vLLM hosts. ``lb_hosts``: the load balancers, by name where
     they are vLLM hosts too, else as (name, data): their address is what the instances'
     firewalls let in. Each gets ``nginx_secrets_dir`` (``secrets_dir``, by default the session's
-    folder) unless its data sets one. ``monitor_hosts``: the names of the ``monitor`` group, among
-    the hosts above."""
+    folder) unless its data sets one. ``monitor_hosts`` and ``grafana_hosts``: the names of the
+    ``monitor`` and ``grafana`` groups, among the hosts above."""
     hosts = list(hosts)
     data_of = dict(hosts)
     folder = str(secrets_dir or session_secrets_dir())
@@ -168,4 +168,4 @@ def fleet_plan(hosts: Iterable[tuple[str, Mapping]], lb_hosts: Iterable[str | tu
         settings.check_host_data(name, data)
     everyone = [(name, lb_data.get(name, data)) for name, data in hosts] + \
         [(name, data) for name, data in lbs if name not in data_of]
-    return with_edge_and_firewalls(plan, lbs, everyone, base_dir, monitor_hosts)
+    return with_edge_and_firewalls(plan, lbs, everyone, base_dir, monitor_hosts, grafana_hosts)

@@ -93,7 +93,8 @@ def test_values_that_reach_commands_are_refused_by_the_plan(host_data):
     """The settings whose values are put into shell commands on hosts refuse every bad value."""
     for name in ("vllm_install_dir", "vllm_data_dir", "vllm_user", "vllm_python", "vllm_model_id",
                  "vllm_model_revision", "vllm_served_model_name", "nvidia_repo_url", "nvidia_repo_key",
-                 "nvidia_repo_key_fingerprint"):
+                 "nvidia_repo_key_fingerprint", "grafana_repo_url", "grafana_repo_suite", "grafana_repo_key",
+                 "grafana_repo_key_fingerprint", "grafana_version", "grafana_listen_address", "grafana_admin_user"):
         for bad in BAD:
             with pytest.raises(FleetConfigError) as err:
                 plan_fleet([("h1", host_data(**{name: bad}))], ["h1"])

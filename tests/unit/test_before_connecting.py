@@ -176,3 +176,18 @@ def test_bad_edge_input_is_refused_before_connecting(tmp_path, model_dir, case):
     assert field in out and problem in out and fix in out and "Traceback" not in out, out
     assert "Loading inventory" in out and "Connecting to hosts" not in out, out
     assert "vf-short" not in out and "vf-" + "a" * 40 not in out, "a refusal never shows a key"
+
+
+def test_a_grafana_host_without_grafanas_repository_is_refused_before_connecting(tmp_path, model_dir):
+    path = plannable(tmp_path, model_dir, {"nginx_secrets_dir": str(secrets_dir(tmp_path))})
+    path.write_text(path.read_text().replace("plan_before_connecting(globals())", textwrap.dedent("""\
+        monitor = ["gpu-02.invalid"]
+        grafana = ["gpu-02.invalid"]
+
+        plan_before_connecting(globals())""")))
+    result = pyinfra(path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "host gpu-02.invalid: `grafana_repo_url`" in out and "is not set" in out, out
+    assert "mirror.example.internal/grafana" in out and "Traceback" not in out, out
+    assert "Loading inventory" in out and "Connecting to hosts" not in out, out
