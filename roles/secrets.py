@@ -1,6 +1,8 @@
 """The fleet's secrets, kept on the control node in ``nginx_secrets_dir``: the clients file, the
 keys the deploy generates (``internal.key``: nginx to the instances; ``smoke.key``: the deploy's
-smoke test at the edge), the fleet CA and the edge certificates it issues.
+smoke test at the edge; ``grafana-admin.password`` and ``grafana-secret.key``: Grafana's
+administrator and the key it signs and encrypts with), the fleet CA and the edge certificates it
+issues.
 
 Everything is written privately, folders 0700 and files created 0600 (never written, then
 chmod-ed), and atomically: a temporary file in the same folder, then a rename. Nothing is
@@ -39,6 +41,7 @@ RENEW_BEFORE = timedelta(days=30)
 # A certificate is valid from a little before it is issued: a host's clock may lag the control node's.
 CLOCK_SKEW = timedelta(hours=1)
 FLEET_KEY_NAME = re.compile(r"[a-z][a-z0-9-]*")
+GRAFANA_ADMIN_PASSWORD_FILE = "grafana-admin.password"
 # Key prefixes shorter than this could name a key by accident (every generated key starts "vf-").
 MIN_KEY_PREFIX = 8
 
@@ -95,20 +98,35 @@ def read_secret_file(path: Path) -> Secret:
 
 # ---- keys the deploy generates ------------------------------------------------------------------
 
-def fleet_key(secrets_dir: Path, name: str) -> Secret:
-    """``<secrets_dir>/<name>.key``, generated on first use: "internal" (nginx sends it to the
-    instances) and "smoke" (the deploy's smoke test sends it to the edge)."""
-    if not FLEET_KEY_NAME.fullmatch(name):
-        raise ValueError(f"not a fleet key name: {name!r}")
-    path = Path(secrets_dir) / f"{name}.key"
+def _generated(path: Path, fix: str) -> Secret:
+    """The one key in ``path``, a new one (``new_key``) written there first when it is missing;
+    ``fix``: what to do when the file holds something else."""
     if not path.exists():
         write_private(path, f"{new_key()}\n".encode(), replace=False)
     edge.check_private(str(path), path)
     key = path.read_text(encoding="utf-8").strip()
     if len(key) < edge.MIN_KEY_LENGTH or len(key) > edge.MAX_KEY_LENGTH or not edge.KEY_CHARS.fullmatch(key):
-        raise FleetConfigError(str(path), "does not hold one key as vllm-fleet writes it.",
-                               f"remove {path}: the next deploy writes a new one and gives it to every host.")
+        raise FleetConfigError(str(path), "does not hold one key as vllm-fleet writes it.", fix)
     return Secret(key)
+
+
+def fleet_key(secrets_dir: Path, name: str) -> Secret:
+    """``<secrets_dir>/<name>.key``, generated on first use: "internal" (nginx sends it to the
+    instances), "smoke" (the deploy's smoke test sends it to the edge) and "grafana-secret"
+    (Grafana signs and encrypts with it: its packaged default is public)."""
+    if not FLEET_KEY_NAME.fullmatch(name):
+        raise ValueError(f"not a fleet key name: {name!r}")
+    path = Path(secrets_dir) / f"{name}.key"
+    return _generated(path, f"remove {path}: the next deploy writes a new one and gives it to every host.")
+
+
+def grafana_admin_password(secrets_dir: Path) -> Secret:
+    """``<secrets_dir>/grafana-admin.password``, generated on first use: the password of
+    Grafana's administrator (grafana_admin_user)."""
+    path = Path(secrets_dir) / GRAFANA_ADMIN_PASSWORD_FILE
+    # Grafana takes admin_password only when it creates its administrator, on its first start.
+    return _generated(path, f"write the administrator's current password into {path} (0600), or a new one that "
+                            "you also give Grafana: `grafana cli admin reset-admin-password --password-from-stdin`.")
 
 
 # ---- the fleet CA and the edge certificates -----------------------------------------------------

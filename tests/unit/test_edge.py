@@ -363,6 +363,25 @@ def test_fleet_keys_are_generated_once_and_private(tmp_path):
     assert error.value.field == str(path) and "remove" in error.value.fix and "short" not in message(error)
 
 
+def test_grafanas_admin_password_is_generated_once_and_private(tmp_path):
+    password = secrets.grafana_admin_password(tmp_path / "s")
+    path = tmp_path / "s" / "grafana-admin.password"
+    assert mode(path) == 0o600 and path.read_text() == password.reveal() + "\n" and len(password.reveal()) == 46
+    assert password.reveal() not in repr(password)
+    assert secrets.grafana_admin_password(tmp_path / "s") == password
+    assert secrets.fleet_key(tmp_path / "s", "grafana-secret") != password
+    path.chmod(0o640)
+    with pytest.raises(FleetConfigError) as error:
+        secrets.grafana_admin_password(tmp_path / "s")
+    assert error.value.field == str(path) and password.reveal() not in message(error)
+    path.chmod(0o600)
+    path.write_text("admin\n")
+    with pytest.raises(FleetConfigError) as error:
+        secrets.grafana_admin_password(tmp_path / "s")
+    # Grafana keeps the password it was created with: the fix says how to give it a new one.
+    assert "reset-admin-password --password-from-stdin" in error.value.fix
+
+
 def test_read_secret_file(tmp_path):
     path = private_file(tmp_path / "k.pem", "PEM DATA")
     assert secrets.read_secret_file(path).reveal() == "PEM DATA" and "PEM" not in repr(secrets.read_secret_file(path))
