@@ -6,18 +6,17 @@ timer, and a second run changes nothing. The commands are read by the scripts' o
 parsers: a flag or value they would refuse fails here, and each script runs, as its unit runs it,
 from exactly the host scripts the deploy installed."""
 
-import argparse
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
 from roles import monitor, paths, site
 from roles.files import edge_metrics
 from tests.deploy.fakehost import changed, fleet_plan, plan
+from tests.deploy.script_args import parsed_args
 from tests.deploy.simhost import UNIT_DIR, debian, ubuntu
 from tests.deploy.test_monitor_deploy import Fleet, changed_ops, commands_of
 from tests.deploy.test_nvidia import gpu_host, h200_data
@@ -36,25 +35,6 @@ def unit(sim, name: str) -> dict[str, list[str]]:
             key, value = line.split("=", 1)
             settings.setdefault(key, []).append(value)
     return settings
-
-
-class _Parsed(Exception):
-    pass
-
-
-def parsed(main, argv: list[str]) -> argparse.Namespace:
-    """``argv`` as a script's ``main`` reads it (stopped once parsed)."""
-    parse_args = argparse.ArgumentParser.parse_args
-
-    def stop(parser, args=None, namespace=None):
-        raise _Parsed(parse_args(parser, args, namespace))
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", stop):
-        try:
-            main(argv)
-        except _Parsed as done:
-            return done.args[0]
-    raise AssertionError(f"{argv} was not parsed")
 
 
 def exec_start(sim, name: str) -> list[str]:
@@ -101,7 +81,7 @@ def test_the_load_balancer_runs_edge_metrics_for_every_upstream(host_data, tmp_p
     h1 = fleet.sims["h1"]
     argv = exec_start(h1, EDGE)
     assert argv[:3] == ["/usr/bin/python3", "-I", paths.EDGE_METRICS_PATH]
-    args = parsed(edge_metrics.main, argv[3:])
+    args = parsed_args(edge_metrics.main, argv[3:])
     assert args.upstream == ["10.9.0.11:8001", "10.9.0.11:8002", "10.9.0.12:8001", "10.9.0.12:8002"]
     assert (args.log, args.out, args.state) == ("/var/log/nginx/vllm-fleet.access.log",
                                                f"{monitor.TEXTFILE_DIR}/vllm-fleet-edge.prom",
@@ -162,7 +142,7 @@ def test_a_new_instance_is_probed_and_the_unit_proven_again_without_restarting_t
     fleet.data["h2"]["vllm_instances"] = [*fleet.data["h2"]["vllm_instances"], {"name": "c", "port": 8003}]
     timeline = fleet.deploy()
     h1 = fleet.sims["h1"]
-    assert parsed(edge_metrics.main, exec_start(h1, EDGE)[3:]).upstream[-1] == "10.9.0.12:8003"
+    assert parsed_args(edge_metrics.main, exec_start(h1, EDGE)[3:]).upstream[-1] == "10.9.0.12:8003"
     ops = [op for op in changed_ops(timeline, "h1") if "metrics" in op.lower()]
     assert ops == [f"Unit {EDGE}.service", f"Run {EDGE}.service once (proves it in its sandbox)"]
     assert h1.oneshots == [f"{EDGE}.service"] * 2
@@ -200,7 +180,7 @@ def test_an_nvidia_host_runs_gpu_metrics_with_its_release_python(gpu_data, distr
     assert argv == ["/opt/vllm-fleet/current/bin/python", "-I", paths.GPU_METRICS_PATH,
                     "--out", f"{monitor.TEXTFILE_DIR}/vllm-fleet-gpu.prom", "--expected-count", "1",
                     "--state", "/var/lib/vllm-fleet/gpu-metrics/xid-state.json"]
-    args = parsed(gpu_metrics.main, argv[3:])
+    args = parsed_args(gpu_metrics.main, argv[3:])
     assert (args.expected_count, args.state) == (1, "/var/lib/vllm-fleet/gpu-metrics/xid-state.json")
     service = unit(sim, f"{GPU}.service")
     # The GPUs' devices and nothing else: no private /dev, which has no /dev/nvidia*.
