@@ -19,6 +19,8 @@ EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
 TEXTFILE = HOST_SCRIPTS / "textfile.py"
 # `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
 SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
+# Grafana's provisioning files, installed as they are (the dashboard is roles.plan.dashboard.DASHBOARD).
+GRAFANA_PROVISIONING = REPO_ROOT / "dashboards" / "provisioning"
 # Per-host JSON records of the NVML gate, relative to where pyinfra runs.
 LOCAL_GPU_RECORDS = Path(".cache/gpu-health")
 
@@ -45,6 +47,21 @@ NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 GPU_RECORD_DIR = "/var/lib/vllm-fleet/gpu"
 # Where Ubuntu's and Debian's DKMS look for the key they sign modules with.
 DKMS_SIGNING_KEY = "/var/lib/shim-signed/mok/MOK.der"
+
+# ---- hosts: Grafana (where its package puts things) ---------------------------------------------
+GRAFANA_KEYRING = "/usr/share/keyrings/grafana-archive.gpg"
+GRAFANA_SOURCES = "/etc/apt/sources.list.d/grafana.sources"
+GRAFANA_PIN_FILE = "/etc/apt/preferences.d/grafana"
+GRAFANA_INI = "/etc/grafana/grafana.ini"
+# Read by Grafana through grafana.ini's $__file{...}: root-only, Grafana's group may read them.
+GRAFANA_ADMIN_PASSWORD = "/etc/grafana/vllm-fleet-admin.password"
+GRAFANA_SECRET_KEY = "/etc/grafana/vllm-fleet-secret.key"
+GRAFANA_DATASOURCES = "/etc/grafana/provisioning/datasources/vllm-fleet.yml"
+GRAFANA_DASHBOARD_PROVIDERS = "/etc/grafana/provisioning/dashboards/vllm-fleet.yml"
+GRAFANA_DATA = "/var/lib/grafana"
+GRAFANA_LOGS = "/var/log/grafana"
+# The folder dashboards/provisioning/dashboards.yml loads the fleet's dashboards from.
+GRAFANA_DASHBOARDS_DIR = f"{GRAFANA_DATA}/dashboards/vllm-fleet"
 
 # ---- hosts: nginx -------------------------------------------------------------------------------
 NGINX_CONF = "/etc/nginx/conf.d/vllm-fleet.conf"

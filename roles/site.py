@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from roles import firewall, monitor, nginx, nvidia, paths, rollout, secrets, smoke, vllm
+from roles import firewall, grafana, monitor, nginx, nvidia, paths, rollout, secrets, smoke, vllm
 from roles.plan.fleet import FleetPlan, HostPlan
 
 
@@ -30,7 +30,7 @@ def _warn_tight_fits(host_plan: HostPlan) -> None:
 def _monitoring(plan: FleetPlan) -> None:
     """Exporters on every host (nginx's on load balancers), the textfile timers (GPU readings on
     NVIDIA hosts, the edge's responses and upstreams on load balancers), Prometheus and
-    Alertmanager on the monitor hosts."""
+    Alertmanager on the monitor hosts, Grafana on those of them in the grafana group."""
     monitor.node_exporter()
     host_plan = plan.host(host.name)
     if host_plan is not None and host_plan.accelerator == "nvidia":
@@ -40,6 +40,8 @@ def _monitoring(plan: FleetPlan) -> None:
         monitor.edge_metrics(plan.upstreams, host.data.dict())
     if host.name in plan.monitoring.hosts:
         monitor.monitor_server(plan.monitoring, host.data.dict())
+    if plan.grafana is not None and host.name in plan.grafana.hosts:
+        grafana.grafana_server(plan, host.data.dict())
 
 
 @deploy("GPU onboarding")

@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from roles import paths
 from roles.errors import FleetConfigError
 from roles.plan import monitoring, settings
 
@@ -119,3 +120,50 @@ def _taken_ports(fleet: FleetPlan, name: str, data: Mapping[str, Any]) -> dict[i
         taken.update({settings.value(data, s): f"nginx ({s})" for s in ("nginx_listen_port", "nginx_http_redirect_port")
                       if settings.value(data, s) is not None})
     return taken
+
+
+def grafana_ini(data: Mapping[str, Any]) -> str:
+    """/etc/grafana/grafana.ini for a grafana host with settings ``data``. Its secrets are not in
+    it: Grafana reads them from their own root-only files ($__file{...})."""
+    root_url = settings.value(data, "grafana_root_url")
+    return "\n".join([
+        "# Managed by vllm-fleet (roles/grafana.py), rendered from the inventory. Grafana's own defaults",
+        "# (/usr/share/grafana/conf/defaults.ini) hold for everything not set here.",
+        "[server]",
+        f"http_addr = {settings.value(data, 'grafana_listen_address')}",
+        f"http_port = {settings.value(data, 'grafana_port')}",
+        *([f"root_url = {root_url}"] if root_url else []),
+        "",
+        "[security]",
+        f"admin_user = {settings.value(data, 'grafana_admin_user')}",
+        # Taken when Grafana creates its administrator, on its first start.
+        f"admin_password = $__file{{{paths.GRAFANA_ADMIN_PASSWORD}}}",
+        # Signs and encrypts what Grafana stores; its packaged default is the same everywhere.
+        f"secret_key = $__file{{{paths.GRAFANA_SECRET_KEY}}}",
+        "disable_gravatar = true",
+        "",
+        "[users]",
+        "allow_sign_up = false",
+        "",
+        "[auth.anonymous]",
+        "enabled = false",
+        "",
+        # It phones nowhere: no usage report, no update or plugin checks, no news feed, no snapshots
+        # published outside, no plugin downloaded (preinstalled, updated or from the catalog).
+        "[analytics]",
+        "reporting_enabled = false",
+        "check_for_updates = false",
+        "check_for_plugin_updates = false",
+        "feedback_links_enabled = false",
+        "",
+        "[news]",
+        "news_feed_enabled = false",
+        "",
+        "[snapshots]",
+        "external_enabled = false",
+        "",
+        "[plugins]",
+        "preinstall_disabled = true",
+        "public_key_retrieval_disabled = true",
+        "plugin_admin_enabled = false",
+    ]) + "\n"

@@ -282,8 +282,11 @@ class SimulatedHost:
                 if not a.startswith("-"):
                     self.dirs.setdefault(a.rstrip("/"), "root")
         elif cmd == "chown" and args[0] != "-R":
-            if args[1].rstrip("/") in self.dirs:
-                self.dirs[args[1].rstrip("/")] = args[0].split(":")[0]
+            user, _, group = args[0].partition(":")
+            if args[1] in self.files:
+                self.files[args[1]].update(user=user, group=group or self.files[args[1]].get("group", user))
+            elif args[1].rstrip("/") in self.dirs:
+                self.dirs[args[1].rstrip("/")] = user
         elif cmd == "chmod" and args[0] != "-R":
             if args[1] in self.files:
                 self.files[args[1]]["mode"] = int(args[0])
@@ -335,12 +338,15 @@ class SimulatedHost:
             self._systemctl(args)
 
     def _apt_install(self, args: list[str]) -> None:
-        """``apt-get ... install [OPTIONS] PACKAGE...``: each package installed, with what its
-        maintainer scripts do (``PACKAGE_EFFECTS``)."""
-        for name in args:
-            if name.startswith("-") or "=" in name or name == "-o":
-                continue
-            self.packages[name] = ["1.0"]
+        """``apt-get ... install [OPTIONS] PACKAGE[=VERSION]...``: each package installed (at its
+        version, else 1.0), with what its maintainer scripts do (``PACKAGE_EFFECTS``). A held
+        package changes version only with --allow-change-held-packages, as apt-get refuses."""
+        names = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-o")]
+        for name, _, version in (n.partition("=") for n in names):
+            version = version or "1.0"
+            assert name not in self.gpu.holds or self.packages.get(name) == [version] or \
+                "--allow-change-held-packages" in args, f"apt-get refuses to change held {name}: {args}"
+            self.packages[name] = [version]
             if name.startswith(("nvidia-headless-", "nvidia-driver-cuda")):
                 self.gpu.installed = self._pinned_driver()
             effects = PACKAGE_EFFECTS.get(name, {})
@@ -449,6 +455,9 @@ PACKAGE_EFFECTS: dict[str, dict] = {
     "prometheus-node-exporter": {"services": ["prometheus-node-exporter.service"], "users": ["prometheus"],
                                  "dirs": ["/var/lib/prometheus", "/var/lib/prometheus/node-exporter"]},
     "prometheus-nginx-exporter": {"services": ["prometheus-nginx-exporter.service"], "users": ["prometheus"]},
+    # Grafana's package (packaging/deb/control/postinst of grafana/grafana) makes its user and folders
+    # and, on a first installation, neither starts nor enables grafana-server.service.
+    "grafana": {"users": ["grafana"], "dirs": ["/etc/grafana", "/var/lib/grafana", "/var/log/grafana"]},
 }
 
 
