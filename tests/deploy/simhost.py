@@ -34,6 +34,7 @@ from pyinfra.facts.server import (
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from roles import facts, firewall, paths
+from tests.deploy.package_effects import PACKAGE_EFFECTS
 from tests.deploy.probe_args import probe_args
 
 UNIT_DIR = "/etc/systemd/system"
@@ -426,7 +427,6 @@ class SimulatedHost:
                 assert rules in self.files, f"promtool check config {path}: its rule file {rules} is not there"
         self.promtool.append((kind, path))
 
-
     def _amtool(self, args: list[str]) -> None:
         """``amtool check-config FILE``, its output not shown (as roles/private_files.py runs a
         private file's check): the file as it was checked is recorded; a refusal, when amtool is in
@@ -441,24 +441,6 @@ class SimulatedHost:
 
 class CheckRefused(Exception):
     """A checker refused a file: the command fails, and the deploy stops there."""
-
-
-# What installing a package does besides putting its files, as Debian's and Ubuntu's maintainer
-# scripts do: services started and enabled, system users (each with its own group), folders, links.
-PACKAGE_EFFECTS: dict[str, dict] = {
-    "nginx": {"services": ["nginx.service"],
-              "links": {"/etc/nginx/sites-enabled/default": "/etc/nginx/sites-available/default"}},
-    "prometheus": {"services": ["prometheus.service"], "users": ["prometheus"],
-                   "dirs": ["/etc/prometheus", "/var/lib/prometheus"]},
-    "prometheus-alertmanager": {"services": ["prometheus-alertmanager.service"], "users": ["prometheus"],
-                                "dirs": ["/etc/prometheus", "/var/lib/prometheus"]},
-    "prometheus-node-exporter": {"services": ["prometheus-node-exporter.service"], "users": ["prometheus"],
-                                 "dirs": ["/var/lib/prometheus", "/var/lib/prometheus/node-exporter"]},
-    "prometheus-nginx-exporter": {"services": ["prometheus-nginx-exporter.service"], "users": ["prometheus"]},
-    # Grafana's package (packaging/deb/control/postinst of grafana/grafana) makes its user and folders
-    # and, on a first installation, neither starts nor enables grafana-server.service.
-    "grafana": {"users": ["grafana"], "dirs": ["/etc/grafana", "/var/lib/grafana", "/var/log/grafana"]},
-}
 
 
 @dataclass
