@@ -5,8 +5,9 @@ timer every scrape interval, with the system's python3 (stdlib only: hosts have 
 
     edge_metrics.py --out FILE.prom --state FILE [--log FILE] [--upstream ADDRESS:PORT ...]
 
-The log is read incrementally: the state file keeps the log's inode, the offset read up to and
-the counts so far, so the counters never go down. A rotated log (another inode) is read from its
+The log is read incrementally: the state file keeps the log's inode, a hash of its first bytes,
+the offset read up to and the counts so far, so the counters never go down. A rotated log (another
+inode, or the same inode number reused by a new file: its first bytes differ) is read from its
 start, after the rest of the previous one when it is still there as FILE.1 (logrotate's
 delaycompress keeps it uncompressed for one rotation); a truncated one (copytruncate) from its
 start. Only a response's status becomes a label: never the client's name, the request or the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -44,6 +46,9 @@ LOG = "/var/log/nginx/vllm-fleet.access.log"
 # past the unit's timeout (a run killed before it writes its state would start over every time).
 MAX_BYTES = 256 * 1024 * 1024
 PROBE_TIMEOUT_S = 2.0
+# How much of the log's start identifies it: a file system reuses a deleted log's inode number for
+# the next file at once (ext4, tmpfs); its first lines' times, clients and statuses tell two apart.
+HEAD_BYTES = 1024
 # Statuses the edge answers with by itself or passes on, written at 0 from the start: an alert's
 # rate() sees the first 5xx (a series that appears at 1 has no increase). Any other status gets its
 # series when it first happens.
@@ -82,10 +87,18 @@ def _read_lines(f, offset: int, max_bytes: int) -> tuple[list[bytes], int]:
     return data[:end].split(b"\n")[:-1], offset + end
 
 
+def _head(f, length: int) -> tuple[str, int]:
+    """The hash of an open log's first ``length`` bytes (fewer if it is shorter), and how many."""
+    f.seek(0)
+    data = f.read(length)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
 def read_log(path: str, state: dict, max_bytes: int = MAX_BYTES) -> tuple[dict, bool]:
     """The state with the log's new lines counted, and whether the log could be read. The state:
-    {"inode", "offset", "counts": {status: n}, "unparsed": n}."""
+    {"inode", "head": [sha256, bytes], "offset", "counts": {status: n}, "unparsed": n}."""
     inode, offset = state.get("inode"), state.get("offset", 0)
+    head = state.get("head")
     lines: list[bytes] = []
     try:
         f = open(path, "rb")
@@ -102,13 +115,16 @@ def read_log(path: str, state: dict, max_bytes: int = MAX_BYTES) -> tuple[dict, 
             offset = 0
         elif stat.st_size < offset:  # truncated in place
             offset = 0
+        elif head and list(_head(f, head[1])) != list(head):  # a new log in the old one's inode
+            offset = 0
         new, offset = _read_lines(f, offset, max_bytes)
         lines += new
+        head = _head(f, min(HEAD_BYTES, offset))
     counts, unparsed = parse_statuses(lines)
     total = dict(state.get("counts", {}))
     for status, n in counts.items():
         total[status] = total.get(status, 0) + n
-    return {**state, "inode": stat.st_ino, "offset": offset, "counts": total,
+    return {**state, "inode": stat.st_ino, "head": list(head), "offset": offset, "counts": total,
             "unparsed": state.get("unparsed", 0) + unparsed}, True
 
 

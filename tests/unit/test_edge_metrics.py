@@ -225,6 +225,17 @@ def test_a_missing_log_keeps_the_counts_and_says_so(log):
     assert value(series, f"{P}log_up") == 1 and nonzero(series) == {"200": 1, "502": 1}
 
 
+def test_a_new_log_in_the_old_ones_inode_is_read_from_its_start(log):
+    # What a file system does when the log is deleted and made again (the inode number reused),
+    # made certain: the same file, its content replaced by as many bytes.
+    log.write(line(200), line(200))
+    log.collect()
+    inode = log.path.stat().st_ino
+    log.path.write_text(f"{line(502)}\n{line(503)}\n")
+    assert log.path.stat().st_ino == inode
+    assert nonzero(log.collect()) == {"200": 2, "502": 1, "503": 1}
+
+
 def test_an_unreadable_state_starts_again_from_zero(log):
     log.write(line(200), line(200))
     log.collect()
