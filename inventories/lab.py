@@ -7,6 +7,7 @@ setting, its type and default: `vllm-fleet settings` (declared in roles/plan/set
 from roles.lab.config import STATE_DIR, load_state
 from roles.preflight import plan_before_connecting
 
+_lab = load_state()
 # Settings of the whole lab fleet (kept here, not in group_data/, which every inventory in
 # this folder would share).
 _FLEET = {
@@ -21,9 +22,11 @@ _FLEET = {
     "vllm_kv_cache_bytes": 268435456,
     "vllm_enforce_eager": True,
     "vllm_start_timeout": 300,
+    # This machine (the lab's control node) reaches the instances straight as well as through the
+    # edge: `vllm-fleet bench --direct` and its LB-overhead measurement compare the two.
+    "firewall_instance_allow_from": [_lab["control_address"]],
 }
 
-_lab = load_state()
 _ssh = {
     "ssh_user": _lab["ssh_user"],
     "ssh_key": _lab["ssh_key"],

@@ -41,7 +41,7 @@ class PeerAddress:
 
 @dataclass(frozen=True)
 class Source:
-    """One source address allowed to the instance ports, canonical (``ipaddress``' compressed form)."""
+    """One source address (or network) allowed to the instance ports, canonical (``ipaddress``' compressed form)."""
 
     address: str
     version: int  # 4 or 6
@@ -161,8 +161,8 @@ def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, insta
 
     ``data``: the host's data; ``is_lb``: whether it is in the ``lb`` group (its edge ports are
     open to everyone); ``instance_ports``: the ports of its instances, open only to
-    ``lb_addresses`` (``peer_addresses`` of the ``lb`` group) and ``monitor_sources`` (the same,
-    of monitoring hosts). Addresses are needed, and checked, only where there are instances.
+    ``lb_addresses`` (``peer_addresses`` of the ``lb`` group), ``monitor_sources`` (the same,
+    of monitoring hosts) and ``firewall_instance_allow_from``. Addresses are needed, and checked, only where there are instances.
     ``grafana_port``: Grafana's, where it listens off loopback: open to ``grafana_allow_from``."""
     if not settings.value(data, "firewall_enabled"):
         return None
@@ -182,6 +182,10 @@ def plan_firewall(host_name: str, data: Mapping[str, Any], *, is_lb: bool, insta
         for peer, role in peers:
             source = _source(host_name, peer, role)
             sources.setdefault(source.address, source)
+        for network in map(ipaddress.ip_network, settings.value(data, "firewall_instance_allow_from")):
+            address = str(network.network_address) if network.num_addresses == 1 else network.compressed
+            sources.setdefault(address, Source(address, network.version, "firewall_instance_allow_from",
+                                               "allowed past the edge"))
     exporters = tuple(sorted(set(exporter_ports)))
     monitors = {s.address: s for s in (_source(host_name, p, "monitoring host") for p in monitor_sources)} \
         if exporters else {}

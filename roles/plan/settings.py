@@ -258,6 +258,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("firewall_allow_tcp", list, [],
             "Further TCP ports this host accepts from anywhere (services of your own); the firewall drops the rest.",
             item=int, minimum=1, maximum=65535),
+    Setting("firewall_instance_allow_from", list, [],
+            "Addresses or networks allowed to reach the instance ports directly, past the edge (its keys, limits "
+            "and TLS), besides the load balancers and monitoring hosts: e.g. the control node, for `vllm-fleet "
+            "bench --direct`. The instances still want the fleet's internal key.", item=str, form=IP_NETWORK),
     # --- monitoring (roles/monitor.py; hosts of the `monitor` group) ---------------------------------------
     Setting("monitor_retention", str, "15d", "How long Prometheus keeps samples (--storage.tsdb.retention.time).",
             form=DURATION),

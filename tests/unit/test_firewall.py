@@ -291,6 +291,23 @@ nft list tables
     assert after_stop.split() == ["table", "inet", "operator"]
 
 
+def test_addresses_allowed_past_the_edge_reach_the_instance_ports_only(tmp_path):
+    lbs = peer_addresses([("lb1", {"ssh_hostname": "10.9.0.2"})])
+    allowed = {"firewall_instance_allow_from": ["10.9.0.99", "192.0.2.0/24", "2001:db8::/64", "10.9.0.2/32"]}
+    fw = plan_firewall("h1", allowed, is_lb=False, instance_ports=[8001], lb_addresses=lbs)
+    # The load balancer once, a single address as an address, networks as networks.
+    assert fw.sources_v4 == ("10.9.0.2", "10.9.0.99", "192.0.2.0/24") and fw.sources_v6 == ("2001:db8::/64",)
+    assert fw.open_tcp == () and fw.exporter_ports == ()
+    # A host without instances opens nothing for them.
+    assert plan_firewall("lb1", allowed, is_lb=True, lb_addresses=lbs).sources == ()
+    _kernel_or_skip()
+    rules = _rules_file(tmp_path, fw)
+    result = subprocess.run(["unshare", "--net", "nft", "-c", "-f", str(rules)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ip saddr { 10.9.0.2, 10.9.0.99, 192.0.2.0/24 } tcp dport { 8001 } accept" in rules.read_text()
+
+
 SERVER = r"""
 import select, socket, sys, time
 listening = []
