@@ -104,18 +104,18 @@ def sampled_values(first: Mapping[str, Any], second: Mapping[str, Any], release:
     if second["metrics"] is None:
         return values
     now = parse_exposition(second["metrics"])
-    values.update(running=_total(now, RUNNING), waiting=_total(now, WAITING), kv=_largest(now, KV_CACHE))
+    values.update(running=total(now, RUNNING), waiting=total(now, WAITING), kv=_largest(now, KV_CACHE))
     if first["metrics"] is None:
         return values
-    increases = _increases(parse_exposition(first["metrics"]), now)
+    grown = increases(parse_exposition(first["metrics"]), now)
     seconds = second["at"] - first["at"]
-    generated = _total(increases, GENERATED)
+    generated = total(grown, GENERATED)
     values.update(tokens_s=None if generated is None else generated / seconds,
-                  ttft_p50=histogram_quantile(0.5, _buckets(increases, TTFT_BUCKETS)))
+                  ttft_p50=histogram_quantile(0.5, _buckets(grown, TTFT_BUCKETS)))
     return values
 
 
-def _total(samples: Iterable[Sample], name: str) -> float | None:
+def total(samples: Iterable[Sample], name: str) -> float | None:
     """The sum over every series of ``name``; None when the page has none (unknown, not 0)."""
     found = [s.value for s in samples if s.name == name]
     return sum(found) if found else None
@@ -126,7 +126,7 @@ def _largest(samples: Iterable[Sample], name: str) -> float | None:
     return max(found) if found else None
 
 
-def _increases(before: Iterable[Sample], after: Iterable[Sample]) -> list[Sample]:
+def increases(before: Iterable[Sample], after: Iterable[Sample]) -> list[Sample]:
     """How much each series of ``after`` grew since ``before``, as Prometheus's increase() takes
     a counter between two samples: one that went down restarted from zero (the instance restarted
     in the window), so all of its value is new; one that was not there yet started in the window."""

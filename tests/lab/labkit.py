@@ -66,7 +66,8 @@ def ssh(host: str, command: str, check: bool = True, stdin: str | None = None) -
 @dataclass
 class Load:
     """A bounded load through the load balancer, over TLS with a client key (the lab client's
-    unless ``api_key`` is given): alternately streamed chat and plain completions."""
+    unless ``api_key`` is given): alternately streamed chat and plain completions, each opening
+    with one of ``conversations`` texts, so that the `prefix` policy spreads them too."""
 
     edge: LabEdge
     api_key: str | None = None
@@ -76,20 +77,22 @@ class Load:
     pause: float = 0.1
     max_requests: int = 5000
     max_seconds: float = 300
+    conversations: int = 12
     stop: threading.Event = field(default_factory=threading.Event)
     results: list[tuple[float, bool, str]] = field(default_factory=list)  # (end time, ok, detail)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def one(self, session: requests.Session, n: int) -> tuple[bool, str]:
         base_url, model = self.edge.base_url, self.edge.model
+        opening = f"Conversation {n % self.conversations}: hello"
         try:
             if n % 2:
                 r = session.post(f"{base_url}/completions", timeout=60,
-                                 json={"model": model, "prompt": "Hello", "max_tokens": 16})
+                                 json={"model": model, "prompt": opening, "max_tokens": 16})
                 return r.status_code == 200 and bool(r.json()["choices"]), f"completion HTTP {r.status_code}"
             with session.post(f"{base_url}/chat/completions", timeout=60, stream=True,
                               json={"model": model, "stream": True, "max_tokens": 16,
-                                    "messages": [{"role": "user", "content": "Hi"}]}) as r:
+                                    "messages": [{"role": "user", "content": opening}]}) as r:
                 events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
                 ok = r.status_code == 200 and events[-1:] == [b"data: [DONE]"]
                 return ok, f"stream HTTP {r.status_code}, {len(events)} events"
