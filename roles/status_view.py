@@ -48,9 +48,7 @@ def show(args) -> int:
         raise FleetConfigError("`vllm-fleet status INVENTORY`", f"{args.inventory} is not a file.",
                                "give a pyinfra inventory file, e.g. inventories/lab.py.")
     window = status.check_sample_window(status.DEFAULT_SAMPLE_S if args.window is None else args.window)
-    state = State()
-    with ctx_state.use(state), capacity_only():
-        inventory = make_inventory(args.inventory, cwd=os.getcwd())
+    state, inventory = _load(args.inventory)
     monitors = inventory.get_group(MONITOR_GROUP, default=[])
     if monitors and not args.direct and args.window is not None:
         raise FleetConfigError("`vllm-fleet status --window`", f"is the sampling window of the view straight from "
@@ -61,6 +59,35 @@ def show(args) -> int:
         if monitors and not args.direct:
             return from_prometheus(monitors[0])
         return from_instances(inventory, window)
+
+
+def _load(inventory_path: str):
+    """pyinfra's State and the inventory, loaded as pyinfra loads it but planned for capacity only."""
+    state = State()
+    with ctx_state.use(state), capacity_only():
+        inventory = make_inventory(inventory_path, cwd=os.getcwd())
+    return state, inventory
+
+
+def instance_metrics(inventory_path: str, names: list[str]) -> dict[str, str]:
+    """Every instance's /metrics lines of ``names`` ("HOST:INSTANCE" -> lines), read once on its own
+    host over ssh, all hosts at once. RuntimeError names the instances that could not be read."""
+    state, inventory = _load(inventory_path)
+    state.init(inventory, Config(CONNECT_TIMEOUT=CONNECT_TIMEOUT_S))
+    with ctx_state.use(state):
+        plan = plan_inventory(inventory, with_edge=False)
+        answers = _sample_hosts([(inventory.get_host(h.name), h) for h in plan.hosts], 0.0, names)
+    pages, unread = {}, []
+    for host_plan in plan.hosts:
+        answer = answers[host_plan.name]
+        for instance in host_plan.instances:
+            reading = answer[instance.name][1] if isinstance(answer, dict) else {"metrics": None, "error": answer}
+            if reading["metrics"] is None:
+                unread.append(f"{host_plan.name}:{instance.name} ({reading['error']})")
+            pages[f"{host_plan.name}:{instance.name}"] = reading["metrics"]
+    if unread:
+        raise RuntimeError(f"/metrics not read from {', '.join(unread)}")
+    return pages
 
 
 def from_prometheus(host) -> int:
@@ -112,7 +139,8 @@ def _instance_values(host_plan: HostPlan, name: str, answer: dict) -> tuple[dict
     return values, f"{where}: {'; '.join(failed)}" if failed else None
 
 
-def _sample_hosts(hosts: list[tuple[Any, HostPlan]], window: float) -> dict[str, dict | str]:
+def _sample_hosts(hosts: list[tuple[Any, HostPlan]], window: float,
+                  names: list[str] | None = None) -> dict[str, dict | str]:
     """Each host's answer (instance name -> its two readings), or why there is none.
 
     All hosts at once, each in a thread of its own: every host's sampling takes the whole window,
@@ -126,7 +154,7 @@ def _sample_hosts(hosts: list[tuple[Any, HostPlan]], window: float) -> dict[str,
 
     def sample(host, host_plan: HostPlan) -> None:
         try:
-            answers[host.name] = json.loads(_run(host, _sample_command(host_plan, window)))
+            answers[host.name] = json.loads(_run(host, _sample_command(host_plan, window, names)))
         except Exception as error:  # whatever stops one host is that host's failure; the others still show
             answers[host.name] = str(error) or type(error).__name__
 
@@ -146,12 +174,12 @@ def _deadline_s(instances: int, window: float) -> float:
     return 3 * CONNECT_TIMEOUT_S + window + 2 * 2 * instances * REQUEST_TIMEOUT_S
 
 
-def _sample_command(host_plan: HostPlan, window: float) -> str:
+def _sample_command(host_plan: HostPlan, window: float, names: list[str] | None = None) -> str:
     # The instances listen on the host's listen address (its advertised one unless set apart), as
     # the smoke test and the rolling update reach them from the host itself.
     return shlex.join(["python3", "-c", SAMPLE_INSTANCES.read_text(), "--address", host_plan.listen_address,
                        *[arg for i in host_plan.instances for arg in ("--instance", f"{i.name}:{i.port}")],
-                       *[arg for name in status.sampled_metric_names() for arg in ("--metric", name)],
+                       *[arg for name in names or status.sampled_metric_names() for arg in ("--metric", name)],
                        "--window", f"{window:g}", "--timeout", f"{REQUEST_TIMEOUT_S:g}"])
 
 

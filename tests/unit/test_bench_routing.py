@@ -66,3 +66,11 @@ def test_routing_table_has_a_row_per_policy():
     assert lines[0].startswith("policy") and len(lines) == 3
     assert "10.0%" in lines[1] and "30.0 ms" in lines[1] and "1.25" in lines[1]
     assert "60.0%" in lines[2] and "1.00" in lines[2]
+
+
+@pytest.mark.parametrize("release", ["cpu-vllm-0.32.0", "nvidia-vllm-0.32.0"])
+def test_the_counters_are_among_the_pinned_releases_metrics(release):
+    from roles.paths import REPO_ROOT
+    from roles.plan.metrics import check_release_metrics
+
+    check_release_metrics(release, REPO_ROOT / "inventories" / "releases", {"roles/plan/bench_routing.py": br.COUNTERS})
