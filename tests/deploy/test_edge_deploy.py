@@ -209,3 +209,9 @@ def test_prefix_routing_on_ubuntu_22_04_is_refused_before_any_change(host_data, 
                                  "Debian 12 or Ubuntu 24.04.")
     for sim in edge.sims.values():
         assert sim.files == {} and sim.packages == {} and sim.uploads == []
+
+
+def test_the_deploy_plan_refuses_an_unknown_instance_down(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path, {"nginx_instances_down": ["h1:z"]})
+    with pytest.raises(FleetConfigError, match=r"'h1:z' is not an instance of the fleet"):
+        edge.deploy()
