@@ -65,10 +65,22 @@ $(AMTOOL):
 		prometheus-alertmanager
 	if [ -d /run/systemd/system ]; then systemctl disable --now prometheus-alertmanager.service; fi
 
-unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL)
+# nginx (with its njs module) checks and runs the edge's configuration for each routing policy, and
+# the njs CLI runs the prefix policy's key function. nginx's package starts nginx, which a control
+# node does not need: stopped and disabled at once where systemd runs (the package is new here).
+NGINX := /usr/sbin/nginx
+NJS := /usr/bin/njs
+$(NGINX):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx \
+		libnginx-mod-http-js
+	if [ -d /run/systemd/system ]; then systemctl disable --now nginx.service; fi
+$(NJS):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends njs
+
+unit: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL) $(NGINX) $(NJS)
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"
 
-test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL)
+test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(AMTOOL) $(NGINX) $(NJS)
 	$(VENV)/bin/ruff check --select F,E9 roles tests deploys inventories
 	$(VENV)/bin/lint-imports
 	GPU_PROBE_PYTHON=$(CURDIR)/$(PROBE_VENV)/bin/python $(PY) -m pytest -q -m "not lab"

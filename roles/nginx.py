@@ -1,5 +1,6 @@
 """The nginx role: the fleet's edge. TLS, client keys, per-client limits and a route allowlist in
-front of one least-connections upstream of every instance, streaming-safe.
+front of every instance, streaming-safe; the routing policy (``nginx_routing``) picks the instance:
+the fewest requests in flight, or one session or one prompt prefix to one instance.
 
 The configuration is checked with ``nginx -t`` before any reload, so a bad render never
 reaches the running load balancer. A reload is graceful: a key added or removed takes effect
@@ -13,16 +14,16 @@ from io import StringIO
 
 import jinja2
 from pyinfra import host
+from pyinfra.facts.server import LinuxDistribution
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from roles import paths, secrets
-from roles.plan import edge, forms, settings
+from roles import paths, platform, secrets
+from roles.plan import edge, forms, routing, settings
 from roles.plan.edge import Client, EdgePlan
 from roles.plan.fleet import FleetPlan
 from roles.plan.monitoring import STUB_STATUS_PORT
-from roles.platform import install_packages
 from roles.private_files import private_file
 
 # Rendered on every host's prepare and twice per rolling-update slot: loaded once.
@@ -76,8 +77,10 @@ def render_secrets(plan: EdgePlan, data) -> str:
 
 def render_conf(plan: FleetPlan, lb_name: str, data, down: frozenset[str] | set[str] = frozenset()) -> str:
     """Load balancer ``lb_name``'s configuration: every instance of the fleet, those in ``down``
-    (ADDRESS:PORT) marked down while they restart."""
-    return _TEMPLATE.render(down=down, **template_vars(plan, lb_name, data))
+    (ADDRESS:PORT) marked down while they restart, and those of nginx_instances_down always (so
+    that a rolling update's put-back leaves them out)."""
+    held = routing.held_down(plan, data)
+    return _TEMPLATE.render(down=held | set(down), held=held, **template_vars(plan, lb_name, data))
 
 
 def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
@@ -101,7 +104,19 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
         "client_max_body_size": settings.value(data, "nginx_client_max_body_size"),
         "connect_timeout": settings.value(data, "nginx_connect_timeout"),
         "routes": [*forms.EDGE_ROUTES, *settings.value(data, "nginx_task_routes")],
+        "routing": settings.value(data, "nginx_routing"),
+        "hash_key": routing.HASH_KEYS.get(settings.value(data, "nginx_routing")),
+        "prefix_chars": settings.value(data, "nginx_prefix_chars"),
+        "prefix_key_js": paths.NGINX_PREFIX_KEY,
     }
+
+
+def edge_packages(data) -> list[str]:
+    """What this load balancer installs: nginx, and the njs module only where the prefix policy
+    needs it (nothing else runs in nginx otherwise). Refuses a distribution without the module."""
+    if settings.value(data, "nginx_routing") != "prefix":
+        return ["nginx"]
+    return ["nginx", platform.njs_package(host.name, host.get_fact(LinuxDistribution))]
 
 
 def tls_material(plan: EdgePlan, lb_name: str, data) -> tuple[str, str]:
@@ -116,7 +131,8 @@ def tls_material(plan: EdgePlan, lb_name: str, data) -> tuple[str, str]:
 
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
-    install_packages("Install nginx", ["nginx"])
+    packages = edge_packages(data)
+    platform.install_packages(f"Install {' and '.join(packages)}", packages)
     default_site = files.link(name="Remove the packaged default site", path=paths.NGINX_DEFAULT_SITE, present=False)
     private_dir = files.directory(name=f"Directory {paths.NGINX_PRIVATE_DIR} (root-only)",
                                   path=paths.NGINX_PRIVATE_DIR, user="root", group="root", mode="700")
@@ -129,9 +145,16 @@ def load_balancer(plan: FleetPlan, data):
                         path=paths.NGINX_SECRETS_CONF, content=render_secrets(edge_plan, data))
     private_file(name="Install the smoke test's client key", path=paths.SMOKE_KEY,
                  content=secrets.fleet_key(edge_plan.secrets_dir, "smoke").reveal() + "\n")
+    # In place before the configuration that imports it is checked; gone with the prefix policy.
+    if settings.value(data, "nginx_routing") == "prefix":
+        prefix_key = files.put(name="Install the prefix policy's key function", src=str(paths.PREFIX_KEY_JS),
+                               dest=paths.NGINX_PREFIX_KEY, mode="644")
+    else:
+        prefix_key = files.file(name="Remove the prefix policy's key function", path=paths.NGINX_PREFIX_KEY,
+                                present=False)
     conf = files.put(name="Render the fleet's edge", src=StringIO(render_conf(plan, host.name, data)),
                      dest=paths.NGINX_CONF)
-    changed = any_changed(conf, default_site, private_dir, certificate, tls_key, keys)
+    changed = any_changed(conf, default_site, private_dir, certificate, tls_key, keys, prefix_key)
     server.shell(name="Check the nginx configuration", commands=["nginx -t -q"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)
     systemd.service(name="Reload nginx on its new configuration", service="nginx", reloaded=True, _if=changed)

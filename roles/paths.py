@@ -17,6 +17,8 @@ GPU_METRICS = HOST_SCRIPTS / "gpu_metrics.py"
 EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
 # What both textfile scripts import (the exposition, atomic writes, their state): beside each of them.
 TEXTFILE = HOST_SCRIPTS / "textfile.py"
+# The prefix routing policy's key function, for nginx's njs module (load balancers with nginx_routing = prefix).
+PREFIX_KEY_JS = HOST_SCRIPTS / "prefix_key.js"
 # `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
 SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
 # Grafana's provisioning files, installed as they are (the dashboard is roles.plan.dashboard.DASHBOARD).
@@ -74,6 +76,8 @@ NGINX_SECRETS_CONF = f"{NGINX_PRIVATE_DIR}/secrets.conf"
 EDGE_CERTIFICATE = f"{NGINX_PRIVATE_DIR}/edge.pem"
 EDGE_KEY = f"{NGINX_PRIVATE_DIR}/edge.key"
 SMOKE_KEY = f"{NGINX_PRIVATE_DIR}/smoke.key"
+# Read by nginx's master process (js_import) when it loads its configuration, as root.
+NGINX_PREFIX_KEY = f"{NGINX_PRIVATE_DIR}/prefix_key.js"
 
 # ---- hosts: firewall ----------------------------------------------------------------------------
 # The rules of the one nftables table vllm-fleet owns, and the unit that loads them at boot.

@@ -39,6 +39,14 @@ def install_packages(name: str, packages: list[str], **apt_args):
     apt_indexes_for(name=f"Package indexes for: {name}", packages=packages)
     return apt.packages(name=name, packages=packages, extra_install_args=APT_INSTALL_ARGS, **apt_args)
 
+# nginx's njs module (nginx_routing = prefix), from each distribution's own archive; it enables
+# itself (/etc/nginx/modules-enabled/50-mod-http-js.conf). Debian 12's is njs 0.7.9, checked here;
+# Ubuntu 24.04's (universe) was not checked here. Ubuntu 22.04's archive has none.
+NJS_PACKAGES: dict[tuple[str, str], str] = {
+    ("Debian", "12"): "libnginx-mod-http-js",
+    ("Ubuntu", "24.04"): "libnginx-mod-http-js",
+}
+
 # (distribution name, major version) -> Python versions installable from its own archive.
 PYTHONS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Debian", "12"): ("3.11",),
@@ -86,3 +94,18 @@ def for_host(host_name: str, distro: dict, lock_python: str, python_override: st
                                "vllm_python to an interpreter of the lock's version that you install yourself.")
     return Platform(name=name, version=version, python=python_override or f"python{lock_python}",
                     python_from_distribution=python_override is None)
+
+
+def njs_package(host_name: str, distro: dict) -> str:
+    """The package of nginx's njs module on a host, from its LinuxDistribution fact; refused where
+    the distribution has none."""
+    name, version = distro.get("name"), _version_key(distro)
+    package = NJS_PACKAGES.get((name, version))
+    if package is None:
+        known = " or ".join(f"{n} {v}" for n, v in NJS_PACKAGES)
+        raise FleetConfigError(f"host {host_name}: `nginx_routing`",
+                               f"is 'prefix', which needs nginx's njs module, and {name} {version}'s archive has "
+                               "no package of it.",
+                               f"set nginx_routing to least_conn or session on this load balancer, or run it on "
+                               f"{known}.")
+    return package

@@ -60,6 +60,9 @@ def serve(plan: FleetPlan):
     host_plan = plan.host(host.name)
     run = rollout.for_run(plan)
     env_texts: dict[str, str] = {}
+    if host.name in plan.lb_hosts:
+        # A load balancer whose distribution lacks what its routing needs is refused before any change.
+        nginx.edge_packages(host.data.dict())
     if host_plan is not None:
         _warn_tight_fits(host_plan)
         if _onboard(host_plan) is None:

@@ -26,6 +26,7 @@ from roles.plan.grafana import GRAFANA_GROUP, GrafanaPlan, plan_grafana
 from roles.plan.metrics import check_release_metrics
 from roles.plan.model import ModelArch
 from roles.plan.monitoring import MonitorPlan, plan_monitoring
+from roles.plan.routing import check_instances_down
 from roles.release.lock import Lock, lock_path, read_lock
 from roles.release.manifest import Release, load_release
 
@@ -136,6 +137,11 @@ class FleetPlan:
     def upstreams(self) -> list[str]:
         """Every instance of the fleet as nginx addresses it: the load balancer's upstream."""
         return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances]
+
+    @property
+    def instance_endpoints(self) -> dict[str, str]:
+        """HOST:INSTANCE, as the rollout report names an instance, -> where nginx reaches it."""
+        return {f"{h.name}:{i.name}": endpoint(h.address, i.port) for h in self.hosts for i in h.instances}
 
     def host(self, name: str) -> HostPlan | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -412,6 +418,7 @@ def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[s
     its monitoring (when ``monitor_hosts``), its Grafana (when ``grafana_hosts``) and the firewall
     of every host of the inventory."""
     edges = plan_fleet_edge(lb_hosts, base_dir)
+    check_instances_down(plan, lb_hosts)
     lb_addresses = peer_addresses(lb_hosts)
     monitors = tuple(monitor_hosts)
     monitor_addresses = peer_addresses((name, data) for name, data in hosts if name in monitors)

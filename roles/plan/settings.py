@@ -251,6 +251,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_task_routes", list, [],
             f"Routes the edge forwards besides {', '.join(EDGE_ROUTES)} and /health, for the served model's task "
             "(e.g. /v1/embeddings); every other path answers 404 at the edge.", item=str, form=TASK_ROUTE),
+    Setting("nginx_routing", str, "least_conn",
+            "Which instance a request goes to: least_conn (the one with the fewest in flight), session (one "
+            "X-Session-ID header value to one instance) or prefix (prompts that begin alike to one instance, whose "
+            "prefix cache holds it; nginx's njs module reads each body, held whole in memory). Without a session id "
+            "or a prompt: least_conn.", choices=("least_conn", "session", "prefix")),
+    Setting("nginx_prefix_chars", int, 1024,
+            "With nginx_routing = prefix, the prompt's first characters that choose the instance: fewer than the "
+            "beginning your requests share (e.g. a long system prompt and the start of a conversation), or requests "
+            "sharing it spread apart.", minimum=16),
+    Setting("nginx_instances_down", list, [],
+            "Instances no load balancer sends requests to, as HOST:INSTANCE (maintenance, or one instance alone "
+            "behind the edge to measure it); a rolling update never puts them back. Never all of them.", item=str),
     # --- host firewall (roles/firewall.py) ---------------------------------------------------------------
     Setting("firewall_enabled", bool, True,
             "Filter incoming traffic with nftables: SSH, the edge's ports on load balancers, instance ports from "

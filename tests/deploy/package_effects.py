@@ -5,6 +5,9 @@
 PACKAGE_EFFECTS: dict[str, dict] = {
     "nginx": {"services": ["nginx.service"],
               "links": {"/etc/nginx/sites-enabled/default": "/etc/nginx/sites-available/default"}},
+    # Its postinst enables the module: nginx loads it from every configuration.
+    "libnginx-mod-http-js": {"links": {"/etc/nginx/modules-enabled/50-mod-http-js.conf":
+                                       "/usr/share/nginx/modules-available/mod-http-js.conf"}},
     "prometheus": {"services": ["prometheus.service"], "users": ["prometheus"],
                    "dirs": ["/etc/prometheus", "/var/lib/prometheus"]},
     "prometheus-alertmanager": {"services": ["prometheus-alertmanager.service"], "users": ["prometheus"],

@@ -9,8 +9,9 @@ import pytest
 from pyinfra.api import StringCommand
 
 from roles import paths, secrets, site
+from roles.errors import FleetConfigError
 from tests.deploy.fakehost import fleet_plan, run_fleet
-from tests.deploy.simhost import SimulatedHost, debian
+from tests.deploy.simhost import SimulatedHost, debian, ubuntu
 
 pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
@@ -26,11 +27,12 @@ STAGED_RULES = f"{paths.FIREWALL_RULES}.new"
 class Edge:
     """h1 (two instances) behind lb1 (nginx only), one client in a secrets folder of its own."""
 
-    def __init__(self, host_data, tmp_path, lb_data=None):
+    def __init__(self, host_data, tmp_path, lb_data=None, lb_distro=None):
         self.secrets = tmp_path / "secrets"
         secrets.add_client_key(self.secrets, "alice")
         self.data = {"h1": host_data(), "lb1": {**LB, **(lb_data or {})}}
         self.sims = {name: SimulatedHost(debian(12)) for name in self.data}
+        self.sims["lb1"] = SimulatedHost(lb_distro or debian(12))
 
     def deploy(self):
         fleet = fleet_plan([("h1", self.data["h1"])], [("lb1", self.data["lb1"])], secrets_dir=self.secrets)
@@ -159,3 +161,57 @@ def test_a_new_client_key_is_a_reload_of_nginx_and_no_restart(host_data, tmp_pat
     assert [line for line in conf if line.endswith(" alice;")] == [
         f'"Bearer {key.reveal()}" alice;' for key in secrets.load_clients(edge.secrets)["alice"].keys]
     assert f'"Bearer {new_key.reveal()}" alice;' in conf
+
+
+NJS_PACKAGE = "libnginx-mod-http-js"
+
+
+def test_prefix_routing_installs_njs_and_its_key_function_once(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path, {"nginx_routing": "prefix"})
+    timeline = edge.deploy()
+    lb = edge.sims["lb1"]
+    assert NJS_PACKAGE in lb.packages and "/etc/nginx/modules-enabled/50-mod-http-js.conf" in lb.links
+    assert "\n".join(lb.files[paths.NGINX_PREFIX_KEY]["lines"]) + "\n" == paths.PREFIX_KEY_JS.read_text()
+    run = commands_of(timeline, "lb1")
+    # The module and the key function are in place before the configuration importing them is checked.
+    assert run.index(f"upload {paths.PREFIX_KEY_JS} -> {paths.NGINX_PREFIX_KEY}") < run.index("nginx -t -q")
+    assert [c for c in run if NJS_PACKAGE in c] and run.index(next(c for c in run if NJS_PACKAGE in c)) \
+        < run.index("nginx -t -q")
+    assert "js_import vllm_fleet from /etc/nginx/vllm-fleet/prefix_key.js;" in lb.files[paths.NGINX_CONF]["lines"]
+    assert NJS_PACKAGE not in edge.sims["h1"].packages
+    assert [(name, op.name, op.commands) for name, op in edge.deploy() if op.commands] == []
+
+
+def test_least_conn_installs_no_njs_and_no_key_function(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path)
+    timeline = edge.deploy()
+    lb = edge.sims["lb1"]
+    assert "nginx" in lb.packages and NJS_PACKAGE not in lb.packages and paths.NGINX_PREFIX_KEY not in lb.files
+    assert not [c for c in commands_of(timeline, "lb1") if NJS_PACKAGE in c or "prefix_key" in c]
+
+
+def test_leaving_prefix_routing_removes_the_key_function(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path, {"nginx_routing": "prefix"})
+    edge.deploy()
+    edge.data["lb1"] = {**LB, "nginx_routing": "session"}
+    edge.deploy()
+    lb = edge.sims["lb1"]
+    assert paths.NGINX_PREFIX_KEY not in lb.files and not [l for l in lb.files[paths.NGINX_CONF]["lines"] if "js_" in l]
+
+
+def test_prefix_routing_on_ubuntu_22_04_is_refused_before_any_change(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path, {"nginx_routing": "prefix"}, lb_distro=ubuntu(22, 4))
+    with pytest.raises(FleetConfigError) as refused:
+        edge.deploy()
+    assert refused.value.field == "host lb1: `nginx_routing`"
+    assert "Ubuntu 22.04's archive has no package of it" in refused.value.problem
+    assert refused.value.fix == ("set nginx_routing to least_conn or session on this load balancer, or run it on "
+                                 "Debian 12 or Ubuntu 24.04.")
+    for sim in edge.sims.values():
+        assert sim.files == {} and sim.packages == {} and sim.uploads == []
+
+
+def test_the_deploy_plan_refuses_an_unknown_instance_down(host_data, tmp_path):
+    edge = Edge(host_data, tmp_path, {"nginx_instances_down": ["h1:z"]})
+    with pytest.raises(FleetConfigError, match=r"'h1:z' is not an instance of the fleet"):
+        edge.deploy()

@@ -210,3 +210,18 @@ def test_limited_run_must_include_a_load_balancer(host_data):
     with pytest.raises(FleetConfigError, match=r"--limit.*includes vLLM hosts \(h2\) but no load balancer \(lb1\)"
                                                r".*`--limit h2 --limit lb`"):
         check_run_limit(fleet, ["h2"])
+
+
+def test_an_instance_held_down_stays_down_through_every_take_out_and_put_back(host_data):
+    fleet = Fleet(host_data, nginx_instances_down=["h2:a"], nginx_routing="session")
+    fleet.deploy()
+    fleet.lock_digest = "d" * 64
+    fleet.deploy()
+    held = "server 10.9.0.12:8001 max_fails=1 fail_timeout=10s down;  # nginx_instances_down"
+    confs = [text for dest, _, text in fleet.sims["h1"].uploads if dest == CONF]
+    assert len(confs) == 1 + 2 * 3  # the first deploy's, then each slot's take-out and put-back
+    for text in confs:  # in both upstream blocks of the session policy, every time
+        assert text.count(held) == 2, text
+    # Restarted like the others (it is only out of nginx), and left out after the rollout.
+    assert fleet.sims["h2"].restarts == ["a"]
+    assert [line for line in upstreams(fleet.sims["h1"]) if " down;" in line] == [held, held]
