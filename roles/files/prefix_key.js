@@ -2,7 +2,10 @@
 // prompt, so that requests sharing it land on the instance whose prefix cache already holds it.
 // Written for njs 0.7.9 (Debian 12's), which has no optional chaining or nullish operators.
 
-// /v1/chat/completions: every message's text in order (a string, or the text parts of a content list).
+// /v1/chat/completions: the conversation's opening, the messages' text (a string, or the text parts of
+// a content list) in order up to and with the first user message. Every later turn of a conversation
+// repeats its opening, so the whole conversation keys to one instance; conversations that share only a
+// system prompt key apart and spread out (each instance then holds that system prompt once).
 function chatText(messages) {
     if (!Array.isArray(messages)) {
         return '';
@@ -19,6 +22,9 @@ function chatText(messages) {
                     text += part.text;
                 }
             }
+        }
+        if (messages[i] && messages[i].role === 'user') {
+            break;
         }
     }
     return text;

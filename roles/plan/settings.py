@@ -257,9 +257,9 @@ SETTINGS: tuple[Setting, ...] = (
             "prefix cache holds it; nginx's njs module reads each body, held whole in memory). Without a session id "
             "or a prompt: least_conn.", choices=("least_conn", "session", "prefix")),
     Setting("nginx_prefix_chars", int, 1024,
-            "With nginx_routing = prefix, the prompt's first characters that choose the instance: fewer than the "
-            "beginning your requests share (e.g. a long system prompt and the start of a conversation), or requests "
-            "sharing it spread apart.", minimum=16),
+            "With nginx_routing = prefix, how many first characters of a completion's prompt, or of a chat's "
+            "opening (its messages up to and with the first user message), choose the instance: fewer than the "
+            "beginning your requests share, or requests sharing it spread apart.", minimum=16),
     Setting("nginx_instances_down", list, [],
             "Instances no load balancer sends requests to, as HOST:INSTANCE (maintenance, or one instance alone "
             "behind the edge to measure it); a rolling update never puts them back. Never all of them.", item=str),

@@ -47,6 +47,14 @@ def test_chat_messages_are_joined_in_order_text_parts_only():
     assert keys([case("/v1/chat/completions", CHAT)]) == ["You are a careful assistant.Describe this."]
 
 
+def test_a_conversation_keys_by_its_opening_whatever_its_later_turns():
+    opening = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Conversation 7"}]
+    turns = [opening, opening + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And then?"}]]
+    other = [opening[0], {"role": "user", "content": "Conversation 8"}]
+    found = keys([case("/v1/chat/completions", {"messages": m}) for m in [*turns, other]])
+    assert found == ["Be brief. Conversation 7", "Be brief. Conversation 7", "Be brief. Conversation 8"]
+
+
 def test_completions_take_the_prompt_or_the_first_of_a_batch():
     assert keys([case("/v1/completions", {"prompt": "Once upon a time"}),
                  case("/v1/completions", {"prompt": ["First prompt", "second"]}),
