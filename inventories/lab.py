@@ -25,6 +25,9 @@ _FLEET = {
     # This machine (the lab's control node) reaches the instances straight as well as through the
     # edge: `vllm-fleet bench --direct` and its LB-overhead measurement compare the two.
     "firewall_instance_allow_from": [_lab["control_address"]],
+    # Cache-aware routing (nginx's njs module): the lab's kill -9 and rolling-update tests run under
+    # it; tests/lab/test_lab_routing.py deploys the other policies and puts this one back.
+    "nginx_routing": "prefix",
 }
 
 _ssh = {
