@@ -336,17 +336,9 @@ def _workload(args) -> Workload:
                                         num_prefixes=args.num_prefixes, seed=args.seed))
 
 
-def _targets(args, inventory, fleet: FleetPlan) -> list[Target]:
-    kinds = [k.strip() for k in (args.target or ("direct" if args.direct else "edge")).split(",")]
-    if not kinds or any(k not in ("edge", "direct") for k in kinds) or len(set(kinds)) != len(kinds):
-        raise FleetConfigError("`vllm-fleet bench --target`", f"{args.target!r} is not a list of edge and direct.",
-                               "give --target edge, --target direct or --target edge,direct.")
-    if "direct" in kinds and not args.direct:
-        raise FleetConfigError("`vllm-fleet bench --target direct`", "names no instance.",
-                               "add --direct HOST:INSTANCE (once per instance to measure).")
-    targets = [edge_target(inventory, fleet, args.client)] if "edge" in kinds else []
-    return targets + [direct_target(inventory, fleet, spec) for spec in args.direct or ()] if "direct" in kinds \
-        else targets
+def _targets(args, kinds: list[str], inventory, fleet: FleetPlan) -> list[Target]:
+    edges = [edge_target(inventory, fleet, args.client)] if "edge" in kinds else []
+    return edges + ([direct_target(inventory, fleet, spec) for spec in args.direct] if "direct" in kinds else [])
 
 
 def measure(args) -> int:
@@ -354,11 +346,12 @@ def measure(args) -> int:
     points = plan.sweep_points(args.concurrency, args.rate)
     num_prompts, repeat = plan.check_num_prompts(args.num_prompts), plan.check_repeat(args.repeat)
     goodput, workload = plan.parse_goodput(args.goodput), _workload(args)
+    kinds = plan.target_kinds(args.target, args.direct)
     if not args.inventory:
         raise FleetConfigError("`vllm-fleet bench`", "needs an INVENTORY (or --compare FILES).",
                                "e.g. vllm-fleet bench inventories/lab.py --concurrency 1,2.")
     inventory, fleet = load_fleet(args.inventory)
-    targets = _targets(args, inventory, fleet)
+    targets = _targets(args, kinds, inventory, fleet)
     for target in targets:
         check_reachable(target)
     first = fleet.hosts[0]

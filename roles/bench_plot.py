@@ -64,6 +64,16 @@ def _notes(records: list[dict[str, Any]]) -> list[str]:
 
 def plot_runs(records: list[dict[str, Any]], png_path: Path) -> Path:
     """One PNG of ``records`` (run records of ``roles.plan.bench.run_record``) at ``png_path``."""
+    figure = draw_runs(records)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path
+
+
+def draw_runs(records: list[dict[str, Any]]):
+    """The figure of ``plot_runs`` (a matplotlib Figure; the caller closes it)."""
     axes_names = {r["sweep"]["axis"] for r in records}
     x_label = plan.AXES[next(iter(axes_names))] if len(axes_names) == 1 else "load (concurrency or requests/s)"
     figure, grid = plt.subplots(2, 3, figsize=(16, 9.5))
@@ -90,8 +100,4 @@ def plot_runs(records: list[dict[str, Any]], png_path: Path) -> Path:
               color="firebrick" if notes else "dimgray")
     figure.suptitle(_title(records), fontsize=11)
     figure.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=100)
-    plt.close(figure)
-    return png_path
+    return figure

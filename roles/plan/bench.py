@@ -196,6 +196,19 @@ def parse_goodput(specs: Iterable[str] | None) -> dict[str, float]:
     return slos
 
 
+def target_kinds(text: str | None, direct: list[str] | None) -> list[str]:
+    """What a run measures: "edge", "direct" or both (--target); by default the edge, or the
+    --direct instances when some are given."""
+    kinds = [k.strip() for k in (text or ("direct" if direct else "edge")).split(",")]
+    if any(k not in ("edge", "direct") for k in kinds) or len(set(kinds)) != len(kinds):
+        raise FleetConfigError("`vllm-fleet bench --target`", f"{text!r} is not a list of edge and direct.",
+                               "give --target edge, --target direct or --target edge,direct.")
+    if "direct" in kinds and not direct:
+        raise FleetConfigError("`vllm-fleet bench --target direct`", "names no instance.",
+                               "add --direct HOST:INSTANCE (once per instance to measure).")
+    return kinds
+
+
 def check_workload(workload: Workload) -> Workload:
     if workload.dataset not in DATASETS:
         raise FleetConfigError("`vllm-fleet bench --dataset`", f"{workload.dataset!r} is not one of "
