@@ -91,12 +91,14 @@ def draw_runs(records: list[dict[str, Any]]):
         values = sorted({r["value"] for _, _, rows in lines for r in rows})
         if values and all(float(v).is_integer() for v in values):
             axes.set_xticks(values)
-        axes.legend(fontsize="small")
+    # One legend for all five panels, in the sixth: per-panel legends covered data points.
     info = grid.flat[5]
     info.axis("off")
+    handles, names = grid.flat[0].get_legend_handles_labels()
+    info.legend(handles, names, loc="upper left", title="run: target" if len(records) > 1 else "target")
     notes = _notes(records)
     text = ["failed requests:", *notes[:12]] if notes else ["no failed requests"]
-    info.text(0.0, 1.0, "\n".join(text), va="top", ha="left", fontsize=9, transform=info.transAxes,
+    info.text(0.0, 0.45, "\n".join(text), va="top", ha="left", fontsize=9, transform=info.transAxes,
               color="firebrick" if notes else "dimgray")
     figure.suptitle(_title(records), fontsize=11)
     figure.tight_layout()

@@ -137,7 +137,8 @@ def test_the_plot_of_a_run_has_labelled_axes_and_one_legend_entry_per_target(tmp
     for axes, (_, _, y_label) in zip(panels, PANELS):
         assert axes.get_xlabel() == "concurrency (requests in flight)"
         assert axes.get_ylabel() == y_label and ("(ms)" in y_label or "tokens/s" in y_label)
-        assert [t.get_text() for t in axes.get_legend().get_texts()] == ["edge least_conn"]
+        assert [line.get_label() for line in axes.get_lines()] == ["edge least_conn"]
+    assert [t.get_text() for t in figure.axes[5].get_legend().get_texts()] == ["edge least_conn"]
     assert "cpu-vllm-0.32.0" in figure._suptitle.get_text() and "random 128 in / 32 out" in figure._suptitle.get_text()
 
 
@@ -148,7 +149,7 @@ def test_a_comparison_draws_a_line_per_run_and_target_and_names_failures(tmp_pat
     other["label"] = "prefix"
     other["points"][0]["result"]["failed"] = 3
     figure = draw_runs([run_record(), other])
-    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in figure.axes[5].get_legend().get_texts()]
     assert legend == ["edge least_conn", "prefix: edge least_conn"]
     notes = figure.axes[5].texts[0].get_text()
     assert "3 failed requests" in notes and "c=1" in notes
