@@ -57,6 +57,12 @@ def status(args) -> int:
     return show(args)
 
 
+def bench(args) -> int:
+    from roles import bench as runner  # pyinfra's inventory loader, subprocesses, matplotlib
+
+    return runner.command(args)
+
+
 def show_settings(args) -> int:
     if args.name is None:
         print(settings.describe())
@@ -343,6 +349,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"the direct view's sampling window ({status_plan.MIN_SAMPLE_S:g} to "
                         f"{status_plan.MAX_SAMPLE_S:g}, default {status_plan.DEFAULT_SAMPLE_S:g})")
     p.set_defaults(run=status)
+    add_bench_parser(commands)
     p = commands.add_parser("settings", help="every setting, its type, default and meaning")
     p.add_argument("name", nargs="?", help="only this setting")
     p.set_defaults(run=show_settings)
@@ -393,6 +400,43 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("dest", help="a folder, e.g. .cache/models/tiny-llama")
     p.set_defaults(run=lab)
     return top
+
+
+def add_bench_parser(commands) -> None:
+    from roles.plan.bench import DATASETS, MAX_NUM_PROMPTS
+
+    p = commands.add_parser("bench", help="serving speed as users feel it (TTFT, ITL, tokens/s), with vLLM's own "
+                                          "`vllm bench serve` of the fleet's release, at the edge or one instance")
+    p.add_argument("inventory", nargs="?", help="a pyinfra inventory file, e.g. inventories/lab.py")
+    p.add_argument("--concurrency", help="requests in flight, one point each (default 1,2,4)")
+    p.add_argument("--rate", help="request rates in requests/s, one point each (instead of --concurrency)")
+    p.add_argument("--num-prompts", type=int, default=40, help=f"requests per point (default 40, at most "
+                                                                 f"{MAX_NUM_PROMPTS})")
+    p.add_argument("--repeat", type=int, default=1, help="run the sweep K times; the report takes medians")
+    p.add_argument("--dataset", default="random", choices=DATASETS,
+                   help="random prompts, or shared-prefix (vLLM's prefix_repetition)")
+    p.add_argument("--input-len", type=int, default=128, help="random: prompt tokens (default 128)")
+    p.add_argument("--output-len", type=int, default=32, help="output tokens of every request (default 32)")
+    p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens of each shared prefix")
+    p.add_argument("--suffix-len", type=int, default=64, help="shared-prefix: tokens of each request's own suffix")
+    p.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: how many prefixes")
+    p.add_argument("--seed", type=int, default=0, help="seed of vLLM's prompt sampling (default 0)")
+    p.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="SLOs for goodput, e.g. ttft:500 tpot:50 "
+                                                                  "(keys ttft, tpot, e2el)")
+    p.add_argument("--target", help="edge, direct or edge,direct (default: edge; direct with --direct)")
+    p.add_argument("--direct", action="append", metavar="HOST:INSTANCE", help="an instance to measure straight")
+    p.add_argument("--client", help="the client of clients.toml whose key the edge requests use "
+                                    "(default: the only one)")
+    p.add_argument("--label", help="the run's name in files and plots (default: its targets)")
+    p.add_argument("--point-timeout", type=float, default=600, help="seconds one point may take (default 600)")
+    p.add_argument("--out", help="folder of the run's JSON and PNG (default .cache/bench/); with --compare, "
+                                 "the PNG file")
+    p.add_argument("--compare", nargs="+", metavar="RUN.json", help="plot saved runs together instead of running")
+    p.add_argument("--overhead", metavar="HOST:INSTANCE", help="the edge's cost: this instance direct and through "
+                   "the edge with it as the only upstream (the others held down meanwhile), in turns")
+    p.add_argument("--routing", metavar="POLICY,POLICY", help="compare routing policies through the edge, e.g. "
+                   "least_conn,prefix: each deployed in turn; prefix-cache hit rate and load balance per policy")
+    p.set_defaults(run=bench)
 
 
 def main(argv: list[str] | None = None) -> int:

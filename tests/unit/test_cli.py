@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_FLEET = Path(sys.executable).with_name("vllm-fleet")
-SUBCOMMANDS = ("plan", "settings", "gpus", "howto", "release", "lab")
+SUBCOMMANDS = ("plan", "bench", "settings", "gpus", "howto", "release", "lab")
 
 
 def vllm_fleet(*args: str, **env: str) -> subprocess.CompletedProcess:
