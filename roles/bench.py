@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -256,17 +258,21 @@ def _print_progress(line: str) -> None:
 
 def sweep(venv: Path, targets: list[Target], workload: Workload, points: list[Point], num_prompts: int,
           repeat: int = 1, goodput: dict[str, float] | None = None, timeout_s: float = DEFAULT_POINT_TIMEOUT_S,
-          progress: Progress = _print_progress) -> list[dict[str, Any]]:
+          progress: Progress = _print_progress, seed_offset: int = 0) -> list[dict[str, Any]]:
     """Every point of every target, ``repeat`` times: the targets take turns at each load level
     (a slow drift of a shared machine then hits all of them alike), and each repeat runs the whole
-    sweep again rather than one point K times in a row."""
+    sweep again rather than one point K times in a row. Point ``i`` (from 0) of the sweep samples its
+    prompts with seed ``workload.seed + seed_offset + i``."""
     total, done, records = repeat * len(points) * len(targets), 0, []
     for repeat_index in range(repeat):
         for point in points:
             for target in targets:
+                # Prompts of its own for every point (the next seed): a point that sent the prompts
+                # of one before it would find them in the instances' prefix caches.
+                prompts = replace(workload, seed=workload.seed + seed_offset + done)
                 done += 1
                 progress(f"bench [{done}/{total}] {target.label} {point.short} ({num_prompts} requests)...")
-                record = run_point(venv, target, workload, point, num_prompts, goodput, timeout_s)
+                record = run_point(venv, target, prompts, point, num_prompts, goodput, timeout_s)
                 record["repeat"] = repeat_index
                 records.append(record)
                 progress(plan.point_summary(target.label, point, record["result"]) if record["result"]
@@ -336,7 +342,14 @@ def command(args) -> int:
 def workload_of(args) -> Workload:
     return plan.check_workload(Workload(dataset=args.dataset, input_len=args.input_len, output_len=args.output_len,
                                         prefix_len=args.prefix_len, suffix_len=args.suffix_len,
-                                        num_prefixes=args.num_prefixes, seed=args.seed))
+                                        num_prefixes=args.num_prefixes,
+                                        seed=fresh_seed() if args.seed is None else args.seed))
+
+
+def fresh_seed() -> int:
+    """A seed no earlier run is likely to have used: the instances' prefix caches outlive a run,
+    and prompts an earlier run sent would be served from them, faster than new ones."""
+    return random.SystemRandom().randrange(1 << 30)
 
 
 def _targets(args, kinds: list[str], inventory, fleet: FleetPlan) -> list[Target]:

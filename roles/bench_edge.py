@@ -85,7 +85,7 @@ def overhead_command(args) -> int:
         for repeat in range(setup["repeat"]):
             print(f"bench: overhead, repeat {repeat + 1} of {setup['repeat']}", flush=True)
             order = [direct, edge] if repeat % 2 == 0 else [edge, direct]
-            results += _repeat(venv, order, setup, repeat, args)
+            results += _repeat(venv, order, setup, repeat, args, seed_offset=len(results))
     by_point = {value: bench_routing.overhead(pairs) for value, pairs in _pairs(results, direct, edge).items()}
     record = _record(args, setup, [direct, edge], "only upstream: " + spec, started, results)
     record["overhead"] = {f"{value:g}": o.as_dict() for value, o in by_point.items()}
@@ -112,8 +112,8 @@ def _pairs(results: list[dict], direct, edge) -> dict[float, list[tuple[dict, di
 def routing_command(args) -> int:
     """Each policy of ``args.routing`` deployed in turn (the order reversed on every other repeat)
     and measured through the edge; the instances' prefix-cache and finished-request counters read
-    before and after each policy's points. Every run gets prompts of its own (its own seed), so no
-    policy finds prefixes another one left in the caches."""
+    before and after each policy's points. Every point samples prompts of its own (``sweep``'s
+    seeds), so no policy finds prefixes another one left in the caches."""
     policies = _policies(args.routing)
     setup = _setup(args)
     inventory, fleet = setup["inventory"], setup["fleet"]
@@ -124,19 +124,17 @@ def routing_command(args) -> int:
     runner.check_reachable(edge)
     venv = runner.bench_venv(fleet.hosts[0].release.name, Path(fleet.hosts[0].get("vllm_releases_dir")))
     grown: dict[str, dict[str, dict[str, float]]] = {p: {} for p in policies}
-    started, results, run = runner.now(), [], 0
+    started, results = runner.now(), []
     with edge_put_back(args.inventory):
         for repeat in range(setup["repeat"]):
             for policy in policies if repeat % 2 == 0 else policies[::-1]:
                 deploy_edge(args.inventory, {"nginx_routing": policy}, f"routing {policy}, repeat {repeat + 1}")
                 before = _counters(args.inventory)
-                workload = replace(setup["workload"], seed=setup["workload"].seed + run)
-                results += _repeat(venv, [replace(edge, label=f"edge {policy}")], {**setup, "workload": workload},
-                                   repeat, args)
+                results += _repeat(venv, [replace(edge, label=f"edge {policy}")], setup, repeat, args,
+                                   seed_offset=len(results))
                 after = _counters(args.inventory)
                 bench_routing.add_increases(grown[policy], {i: bench_routing.counter_increases(before[i], after[i])
                                                             for i in before})
-                run += 1
     outcomes = [bench_routing.policy_outcome(p, grown[p]) for p in policies]
     targets = [replace(edge, label=f"edge {p}") for p in policies]
     record = _record(args, setup, targets, ",".join(policies), started, results)
@@ -182,9 +180,11 @@ def _setup(args) -> dict[str, Any]:
     return found
 
 
-def _repeat(venv: Path, targets: list, setup: Mapping[str, Any], repeat: int, args) -> list[dict]:
+def _repeat(venv: Path, targets: list, setup: Mapping[str, Any], repeat: int, args, seed_offset: int) -> list[dict]:
+    """One pass of the sweep over ``targets``; its points take the seeds after the ``seed_offset``
+    points run before it (every point of the measurement samples prompts of its own)."""
     records = runner.sweep(venv, targets, setup["workload"], setup["points"], setup["num_prompts"], 1,
-                           setup["goodput"], args.point_timeout)
+                           setup["goodput"], args.point_timeout, seed_offset=seed_offset)
     for record in records:
         record["repeat"] = repeat
     return records

@@ -62,6 +62,24 @@ def _notes(records: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _draw_hit_rates(axes, comparisons: list[tuple[dict, dict]], label_runs: bool) -> None:
+    """`bench --routing`'s outcome per policy: the fleet's prefix-cache hit rate as a bar, each
+    bar marked with the requests per instance's max/min (the load balance)."""
+    names = [f"{r['label']}: {o['policy']}" if label_runs else o["policy"] for r, o in comparisons]
+    rates = [100 * (o["hit_rate"] or 0) for _, o in comparisons]
+    positions = list(range(len(names)))
+    bars = axes.bar(positions, rates, color=[f"C{i}" for i in positions])
+    axes.set_xticks(positions, names)
+    for bar, (_, outcome) in zip(bars, comparisons):
+        balance = outcome["balance"]
+        axes.annotate("max/min " + ("-" if balance is None else f"{balance:.2f}"), (bar.get_x() + bar.get_width() / 2,
+                      bar.get_height()), ha="center", va="bottom", fontsize=8)
+    axes.set_ylabel("prefix-cache hit rate (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("routing: fleet prefix-cache hit rate", fontsize=10)
+    axes.tick_params(axis="x", labelsize=8)
+
+
 def plot_runs(records: list[dict[str, Any]], png_path: Path) -> Path:
     """One PNG of ``records`` (run records of ``roles.plan.bench.run_record``) at ``png_path``."""
     figure = draw_runs(records)
@@ -97,9 +115,12 @@ def draw_runs(records: list[dict[str, Any]]):
     handles, names = grid.flat[0].get_legend_handles_labels()
     info.legend(handles, names, loc="upper left", title="run: target" if len(records) > 1 else "target")
     notes = _notes(records)
-    text = ["failed requests:", *notes[:12]] if notes else ["no failed requests"]
-    info.text(0.0, 0.45, "\n".join(text), va="top", ha="left", fontsize=9, transform=info.transAxes,
-              color="firebrick" if notes else "dimgray")
+    comparisons = [(r, o) for r in records for o in r.get("routing_comparison", ())]
+    text = ["failed requests:", *notes[:(6 if comparisons else 12)]] if notes else ["no failed requests"]
+    info.text(0.0, 0.7 if comparisons else 0.45, "\n".join(text), va="top", ha="left", fontsize=9,
+              transform=info.transAxes, color="firebrick" if notes else "dimgray")
+    if comparisons:
+        _draw_hit_rates(info.inset_axes([0.12, 0.0, 0.85, 0.42]), comparisons, len(records) > 1)
     figure.suptitle(_title(records), fontsize=11)
     figure.tight_layout()
     return figure

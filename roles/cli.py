@@ -420,7 +420,8 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens of each shared prefix")
     p.add_argument("--suffix-len", type=int, default=64, help="shared-prefix: tokens of each request's own suffix")
     p.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: how many prefixes")
-    p.add_argument("--seed", type=int, default=0, help="seed of vLLM's prompt sampling (default 0)")
+    p.add_argument("--seed", type=int, help="the first seed of vLLM's prompt sampling; each point then takes the "
+                   "next (default: a fresh one per run, recorded in its JSON)")
     p.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="SLOs for goodput, e.g. ttft:500 tpot:50 "
                                                                   "(keys ttft, tpot, e2el)")
     p.add_argument("--target", help="edge, direct or edge,direct (default: edge; direct with --direct)")

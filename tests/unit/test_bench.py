@@ -155,6 +155,21 @@ def test_a_comparison_draws_a_line_per_run_and_target_and_names_failures(tmp_pat
     assert "3 failed requests" in notes and "c=1" in notes
 
 
+def test_a_routing_comparison_draws_each_policys_hit_rate_with_its_balance():
+    from roles.bench_plot import draw_runs
+
+    record = copy.deepcopy(run_record())
+    record["routing_comparison"] = [{"policy": "least_conn", "hit_rate": 0.2, "balance": 1.8},
+                                    {"policy": "prefix", "hit_rate": 0.6, "balance": None}]
+    figure = draw_runs([record])
+    (bars,) = figure.axes[5].child_axes
+    assert [round(b.get_height()) for b in bars.patches] == [20, 60]
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["least_conn", "prefix"]
+    assert [t.get_text() for t in bars.texts] == ["max/min 1.80", "max/min -"]
+    assert bars.get_ylabel() == "prefix-cache hit rate (%)"
+    assert not draw_runs([run_record()]).axes[5].child_axes
+
+
 # ---- the CLI's refusals ---------------------------------------------------------------------------
 
 def refused(capsys, *argv: str) -> str:
