@@ -52,8 +52,14 @@ def test_three_instances_on_two_hosts_behind_nginx(endpoint, lab):
     binds = ssh(first, "grep -h CPU_OMP /etc/vllm-fleet/instances/a.env /etc/vllm-fleet/instances/b.env")
     assert binds.splitlines() == ['VLLM_CPU_OMP_THREADS_BIND="0"', 'VLLM_CPU_OMP_THREADS_BIND="1"']
     assert ssh(second, "grep -h CPU_OMP /etc/vllm-fleet/instances/a.env") == 'VLLM_CPU_OMP_THREADS_BIND="1"'
-    upstream = ssh(first, "grep -c '^    server ' /etc/nginx/conf.d/vllm-fleet.conf")
-    assert upstream == "3"
+    # Each upstream block (least_conn, and the lab's prefix-hashed one) lists the three instances.
+    servers = ssh(first, "awk '/^upstream /{name=$2} /^    server /{print name, $2}' "
+                         "/etc/nginx/conf.d/vllm-fleet.conf")
+    blocks: dict[str, list[str]] = {}
+    for name, server in (line.split() for line in servers.splitlines()):
+        blocks.setdefault(name, []).append(server)
+    assert sorted(blocks) == ["vllm_fleet", "vllm_fleet_prefix"], servers
+    assert all(sorted(s) == sorted(blocks["vllm_fleet"]) and len(set(s)) == 3 for s in blocks.values()), servers
 
 
 def test_second_run_reports_no_changes(endpoint):

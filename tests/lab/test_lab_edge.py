@@ -8,6 +8,7 @@ adds clients to the lab's clients.toml and puts the file back as it found it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -20,6 +21,7 @@ import pytest
 import requests
 
 from roles import cli, secrets
+from roles.lab.config import BRIDGE, HOST_OFFSET, SUBNET
 from roles.plan.edge import ClientEntry, Secret
 from tests.lab.labkit import REPO, Deploy, Load, bring_up_lab, run_deploy, ssh
 
@@ -143,34 +145,57 @@ def from_host(host: str, urls: list[str], key: str = "") -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines())
 
 
+@contextlib.contextmanager
+def stranger_on_the_lab_network():
+    """A second address of the control node on the lab bridge, one no inventory setting names:
+    connections from it stand for any machine of the network. Removed on the way out."""
+    address = str(SUBNET.network_address + HOST_OFFSET - 1)
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", BRIDGE], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", BRIDGE], check=True)
+
+
+def connect_from(source: str, url: str) -> str:
+    host, port = url.split("/")[2].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3, source_address=(source, 0)).close()
+        return "connected"
+    except OSError as error:
+        return f"unreachable ({type(error).__name__})"
+
+
 def test_instance_ports_answer_only_the_load_balancer_with_the_internal_key(edge, lab):
     lb, other = lab["hosts"][0], lab["hosts"][1]
     instances = [f"http://{lb['address']}:8001/v1/models", f"http://{lb['address']}:8002/v1/models",
                  f"http://{other['address']}:8001/v1/models"]
     table = {}
-    for url in instances:  # from the control node: dropped by the hosts' firewalls
-        host, port = url.split("/")[2].split(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=3).close()
-            table[("control node", url)] = "connected"
-        except OSError as error:
-            table[("control node", url)] = f"unreachable ({type(error).__name__})"
-    for name, key in ((other["name"], ""), (other["name"], internal_key()), (lb["name"], ""),
-                      (lb["name"], internal_key())):
-        for url, result in from_host(name, instances, key).items():
+    with stranger_on_the_lab_network() as stranger:
+        for url in instances:  # dropped by the hosts' firewalls
+            table[(f"stranger {stranger}", url)] = connect_from(stranger, url)
+    # The control node is let in by the lab's firewall_instance_allow_from (vllm-fleet bench
+    # --direct, --overhead), so it answers only with the key; lab2 is no load balancer but the
+    # lab's monitoring host (Prometheus scrapes /metrics there).
+    for name, key in (("control node", ""), (other["name"], ""), (other["name"], internal_key()),
+                      (lb["name"], ""), (lb["name"], internal_key())):
+        results = (from_control_node(instances) if name == "control node"
+                   else from_host(name, instances, key))
+        for url, result in results.items():
             table[(f"{name} {'with' if key else 'without'} the internal key", url)] = result
     print("\ninstance ports:")
     for (source, url), result in table.items():
         print(f"  {source:36} {url:36} {result}")
-    assert all(r.startswith("unreachable") for (s, _), r in table.items() if s == "control node")
-    # lab2 is no load balancer but the lab's monitoring host: the firewalls let it reach the
-    # instance ports (Prometheus scrapes /metrics there), where every OpenAI route still wants the
-    # internal key. A host that is neither is dropped like the control node (tests/unit/test_firewall.py).
+    assert all(r.startswith("unreachable") for (s, _), r in table.items() if s.startswith("stranger"))
+    for source in ("control node", other["name"], lb["name"]):
+        for url in instances:
+            assert table[(f"{source} without the internal key", url)] == "401"
     for url in instances:
-        assert table[(f"{other['name']} without the internal key", url)] == "401"
-    for url in instances:
-        assert table[(f"{lb['name']} without the internal key", url)] == "401"
         assert table[(f"{lb['name']} with the internal key", url)] == "200"
+
+
+def from_control_node(urls: list[str]) -> dict[str, str]:
+    return {url: str(requests.get(url, timeout=3).status_code) for url in urls}
 
 
 # ---- clients: the SDK, limits, rotation ---------------------------------------------------------------
