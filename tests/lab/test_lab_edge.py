@@ -185,7 +185,7 @@ def test_instance_ports_answer_only_the_load_balancer_with_the_internal_key(edge
             table[(f"{name} {'with' if key else 'without'} the internal key", url)] = result
     print("\ninstance ports:")
     for (source, url), result in table.items():
-        print(f"  {source:36} {url:36} {result}")
+        print(f"  {source:38} {url:36} {result}")
     assert all(r.startswith("unreachable") for (s, _), r in table.items() if s.startswith("stranger"))
     for source in ("control node", other["name"], lb["name"]):
         for url in instances:
