@@ -149,6 +149,8 @@ def keys(args) -> int:
     directory = Path(args.dir)
     if args.action == "list":
         return list_keys(directory)
+    if args.action == "fallback":
+        return set_fallback_key(directory)
     if args.action == "add":
         key, client = secrets.add_client_key(directory, args.name)
         print(key.reveal())
@@ -164,6 +166,22 @@ def keys(args) -> int:
     else:
         client = secrets.client(directory, secrets.load_clients(directory), args.name)
         print(client.keys[-1].reveal())
+    return 0
+
+
+def set_fallback_key(directory: Path) -> int:
+    """Write the fallback provider's key into ``fallback.key``: asked for without echo on a terminal,
+    else read from stdin (never an argument: argv is readable by every user of the machine)."""
+    import getpass
+
+    from roles import secrets
+    from roles.plan.fallback import FALLBACK_KEY_FILE, provider_key
+
+    key = getpass.getpass("the provider's API key: ") if sys.stdin.isatty() else sys.stdin.readline()
+    path = directory / FALLBACK_KEY_FILE
+    secrets.write_private(path, f"{key.strip()}\n".encode())
+    provider_key("control node", directory)  # refuses, naming the file, what nginx could not take
+    print(f"wrote {path}; deploy to give it to the load balancers.", file=sys.stderr)
     return 0
 
 
@@ -386,6 +404,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("dir", help="the secrets folder")
     a.add_argument("name", help="the client's name")
     a = actions.add_parser("list", help="the clients, their limits and how each key starts")
+    a.add_argument("dir", help="the secrets folder")
+    a = actions.add_parser("fallback", help="store the fallback provider's API key (nginx_fallback) as DIR/fallback.key, "
+                                            "asked for without echo (or read from stdin)")
     a.add_argument("dir", help="the secrets folder")
     p.set_defaults(run=keys)
 

@@ -49,3 +49,9 @@ def break_even(price_per_hour: float, tokens_per_s: float, api_price_per_million
         api_cost_per_day=api, utilization=utilization, break_even_utilization=full / api_price_per_million,
         cheaper="self-host" if self_host < api else "api",
     )
+
+
+
+def fallback_cost_per_day(daily_tokens: float, share: float, price_per_million: float) -> float:
+    """What a fallback provider costs a day when it carries ``share`` of ``daily_tokens``."""
+    return daily_tokens * share / 1e6 * price_per_million

@@ -20,6 +20,7 @@ from roles.errors import FleetConfigError
 from roles.plan import alerts, consistency, dashboard, settings, status
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
+from roles.plan.fallback import Provider, plan_provider
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.grafana import GRAFANA_GROUP, GrafanaPlan, plan_grafana
@@ -128,6 +129,8 @@ class FleetPlan:
     # deploy (``with_edge``); None and empty when only capacity was planned (`vllm-fleet plan`).
     edges: tuple[tuple[str, EdgePlan], ...] = ()
     firewalls: tuple[tuple[str, FirewallPlan | None], ...] = ()
+    # Each load balancer's fallback provider (None where nginx_fallback is off), planned with the edge.
+    providers: tuple[tuple[str, Provider | None], ...] = ()
     # Prometheus's targets, when the inventory has a monitor group.
     monitoring: MonitorPlan | None = None
     # Where Grafana runs, when the inventory has a grafana group.
@@ -152,6 +155,10 @@ class FleetPlan:
     def edge(self, lb_name: str) -> EdgePlan:
         """Load balancer ``lb_name``'s clients with its limits, and its certificate."""
         return dict(self.edges)[lb_name]
+
+    def provider(self, lb_name: str) -> Provider | None:
+        """Where load balancer ``lb_name`` sends what no instance can take, if anywhere."""
+        return dict(self.providers).get(lb_name)
 
     @property
     def secrets_dir(self) -> Path:
@@ -424,7 +431,9 @@ def with_edge_and_firewalls(plan: FleetPlan, lb_hosts: list[tuple[str, Mapping[s
     monitor_addresses = peer_addresses((name, data) for name, data in hosts if name in monitors)
     if monitors:
         check_monitored_metrics(plan, dict(hosts)[monitors[0]], base_dir)
-    plan = replace(plan, edges=edges, monitoring=plan_monitoring(plan, hosts, monitors),
+    providers = tuple((name, plan_provider(name, data, dict(edges)[name].secrets_dir, base_dir))
+                      for name, data in lb_hosts)
+    plan = replace(plan, edges=edges, providers=providers, monitoring=plan_monitoring(plan, hosts, monitors),
                    grafana=plan_grafana(plan, hosts, grafana_hosts, monitors))
     return replace(plan, firewalls=tuple((name, for_fleet(plan, name, data, lb_addresses, monitor_addresses))
                                          for name, data in hosts))

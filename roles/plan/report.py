@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from roles.common import gb
 from roles.plan import settings
-from roles.plan.cost import break_even, cost_per_million_tokens
+from roles.plan.cost import break_even, cost_per_million_tokens, fallback_cost_per_day
 from roles.plan.fleet import FleetPlan, HostPlan, Instance
 from roles.plan.instance import RESERVE_REASON
 
@@ -41,6 +41,11 @@ def cost_lines(plan: FleetPlan) -> list[str]:
     lines = [f"cost: {gpus} GPU(s) at {price:g}/h, {instances} instance(s) at {rate:,.0f} tok/s each: "
              f"{cost_per_million_tokens(hourly, tokens_per_s):.3f} per million tokens at full load"]
     api, daily = settings.value(data, "vllm_api_price_per_million"), settings.value(data, "vllm_daily_tokens")
+    fallback_price, share = settings.value(data, "vllm_fallback_price_per_million"), settings.value(data, "vllm_fallback_share")
+    if fallback_price and daily:
+        lines.append(f"      the fallback provider at {fallback_price:g} per million, carrying {share:.0%} of the "
+                     f"{daily:,} tokens a day (vllm_fallback_share): "
+                     f"{fallback_cost_per_day(daily, share, fallback_price):,.2f}/day")
     if api and daily:
         b = break_even(hourly, tokens_per_s, api, daily)
         lines.append(f"      against an API at {api:g} per million and {daily:,} tokens a day: self-hosting costs "

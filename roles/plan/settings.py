@@ -192,6 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_api_price_per_million", float, None, "The API price per million tokens you compare against.",
             above=0),
     Setting("vllm_daily_tokens", int, None, "Tokens a day the fleet is expected to generate.", minimum=0),
+    Setting("vllm_fallback_price_per_million", float, None,
+            "The fallback provider's price per million tokens (nginx_fallback), for the plan's cost of it.", above=0),
+    Setting("vllm_fallback_share", float, 0.05, "Share of vllm_daily_tokens you expect the fallback to carry.",
+            minimum=0, maximum=1),
     # --- NVIDIA hosts (roles/nvidia.py) ---------------------------------------------------------------
     Setting("nvidia_repo_url", str, None,
             "NVIDIA's CUDA apt repository or your mirror of it (the folder holding ubuntu2204/, debian12/); "
@@ -263,6 +267,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_instances_down", list, [],
             "Instances no load balancer sends requests to, as HOST:INSTANCE (maintenance, or one instance alone "
             "behind the edge to measure it); a rolling update never puts them back. Never all of them.", item=str),
+    Setting("nginx_fallback", str, "off",
+            "Where a request goes that no instance can take: off (503); failover: to nginx_fallback_url when every "
+            "instance is down or refuses it; overflow: also when every one has nginx_instance_cap requests in "
+            "flight. A request an instance received is never sent again.", choices=("off", "failover", "overflow")),
+    Setting("nginx_fallback_url", str, None,
+            "Base URL of the fallback's OpenAI-compatible API as its SDK takes it (e.g. https://api.example.com/v1); "
+            "its key: fallback.key in nginx_secrets_dir (`vllm-fleet keys fallback`).", form=HTTPS_URL),
+    Setting("nginx_fallback_model", str, None,
+            "The provider's name for the fleet's model (clients still ask for vllm_served_model_name).",
+            form=SERVED_NAME),
+    Setting("nginx_fallback_ca", str, None, "CA certificates (PEM, on the control node) the provider's certificate "
+            "must chain to; unset: the load balancer's system CAs.", form=RELATIVE_OR_ABSOLUTE_PATH),
+    Setting("nginx_fallback_connect_timeout", int, 5, "Seconds nginx waits to connect to the provider.", minimum=1,
+            maximum=75),
+    Setting("nginx_fallback_read_timeout", int, 300, "Seconds nginx waits between two reads from the provider.",
+            minimum=1),
+    Setting("nginx_instance_cap", int, None,
+            "With nginx_fallback = overflow, requests nginx sends one instance at once; unset: its --max-num-seqs.",
+            minimum=1),
+    Setting("nginx_dead_peer_timeout", int, 30,
+            "Seconds after which a connection to an instance that no longer answers even TCP keepalive probes (a "
+            "host cut off) is dropped: its request fails, and the instance gets no new one.", minimum=6, maximum=600),
     # --- host firewall (roles/firewall.py) ---------------------------------------------------------------
     Setting("firewall_enabled", bool, True,
             "Filter incoming traffic with nftables: SSH, the edge's ports on load balancers, instance ports from "
