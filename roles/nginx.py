@@ -20,9 +20,10 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import paths, platform, secrets
-from roles.plan import edge, forms, routing, settings
+from roles.plan import edge, fallback, forms, routing, settings
 from roles.plan.edge import Client, EdgePlan
-from roles.plan.fleet import FleetPlan
+from roles.plan.fallback import FALLBACK_ROUTES, Provider
+from roles.plan.fleet import FleetPlan, endpoint
 from roles.plan.monitoring import STUB_STATUS_PORT
 from roles.private_files import private_file
 
@@ -62,9 +63,9 @@ def limit_classes(clients: list[Client]) -> tuple[list[LimitClass], list[LimitCl
             [LimitClass(tuple(names), concurrency=n) for n, names in sorted(conns.items())])
 
 
-def render_secrets(plan: EdgePlan, data) -> str:
-    """The root-only part of the configuration: each key to its client's name, and the key nginx
-    sends to the instances. Keys passed the plan's form (letters, digits and ._~+/=-): no quoting
+def render_secrets(plan: EdgePlan, data, provider: Provider | None = None) -> str:
+    """The root-only part of the configuration: each key to its client's name, the key nginx
+    sends to the instances, and the fallback provider's. Keys passed the plan's form (letters, digits and ._~+/=-): no quoting
     is needed, and none could end the string."""
     lines = ["# Managed by vllm-fleet. Client keys and the instances' internal key: root-only.",
              "map $http_authorization $vllm_fleet_client {", '    default "";']
@@ -72,6 +73,9 @@ def render_secrets(plan: EdgePlan, data) -> str:
     internal = secrets.fleet_key(plan.secrets_dir, "internal").reveal()
     lines += ["}", "map $http_authorization $vllm_fleet_upstream_authorization {",
               f'    default "Bearer {internal}";', "}"]
+    if provider is not None:
+        lines += ["map $http_authorization $vllm_fleet_fallback_authorization {",
+                  f'    default "Bearer {provider.key.reveal()}";', "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +90,7 @@ def render_conf(plan: FleetPlan, lb_name: str, data, down: frozenset[str] | set[
 def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
     """What the nginx template renders from: the fleet's upstreams and clients, and this host's nginx settings."""
     rate_classes, concurrency_classes = limit_classes(edge_clients(plan.edge(lb_name), data))
+    provider = plan.provider(lb_name)
     return {
         "upstreams": plan.upstreams,
         "secrets_conf": paths.NGINX_SECRETS_CONF,
@@ -108,7 +113,20 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
         "hash_key": routing.HASH_KEYS.get(settings.value(data, "nginx_routing")),
         "prefix_chars": settings.value(data, "nginx_prefix_chars"),
         "prefix_key_js": paths.NGINX_PREFIX_KEY,
+        "served_model_name": plan.served_model_name,
+        "body_in_memory": provider is not None or settings.value(data, "nginx_routing") == "prefix",
+        "provider": provider,
+        "caps": instance_caps(plan, data) if provider is not None and provider.mode == "overflow" else {},
+        "fallback_routes": FALLBACK_ROUTES,
+        "fallback_js": paths.NGINX_FALLBACK_JS,
+        "fallback_ca": paths.FALLBACK_CA if provider is not None and provider.ca else paths.SYSTEM_CA_BUNDLE,
     }
+
+
+def instance_caps(plan: FleetPlan, data) -> dict[str, int]:
+    """Each instance's cap in overflow mode, by the address nginx reaches it at."""
+    return {endpoint(h.address, i.port): fallback.instance_cap(data, i.fit.max_num_seqs)
+            for h in plan.hosts for i in h.instances}
 
 
 def edge_packages(data) -> list[str]:

@@ -19,6 +19,10 @@ EDGE_METRICS = HOST_SCRIPTS / "edge_metrics.py"
 TEXTFILE = HOST_SCRIPTS / "textfile.py"
 # The prefix routing policy's key function, for nginx's njs module (load balancers with nginx_routing = prefix).
 PREFIX_KEY_JS = HOST_SCRIPTS / "prefix_key.js"
+# The fallback provider's request body (nginx_fallback): the fleet's model name replaced by the provider's.
+FALLBACK_JS = HOST_SCRIPTS / "fallback.js"
+# Checks the fallback provider's key and model from a load balancer (its /models), before nginx uses them.
+PROVIDER_PROBE = HOST_SCRIPTS / "provider_probe.py"
 # `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
 SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
 # Grafana's provisioning files, installed as they are (the dashboard is roles.plan.dashboard.DASHBOARD).
@@ -78,6 +82,15 @@ EDGE_KEY = f"{NGINX_PRIVATE_DIR}/edge.key"
 SMOKE_KEY = f"{NGINX_PRIVATE_DIR}/smoke.key"
 # Read by nginx's master process (js_import) when it loads its configuration, as root.
 NGINX_PREFIX_KEY = f"{NGINX_PRIVATE_DIR}/prefix_key.js"
+NGINX_FALLBACK_JS = f"{NGINX_PRIVATE_DIR}/fallback.js"
+# The fallback provider's key: an Authorization header line, for the provider probe (nginx's copy is in
+# secrets.conf); and the CAs its certificate must chain to, the operator's or the system's.
+FALLBACK_AUTHORIZATION = f"{NGINX_PRIVATE_DIR}/fallback.authorization"
+FALLBACK_CA = f"{NGINX_PRIVATE_DIR}/fallback-ca.pem"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+PROVIDER_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/provider_probe.py"
+# TCP keepalive timing on load balancers (nginx_dead_peer_timeout).
+KEEPALIVE_SYSCTL = "/etc/sysctl.d/60-vllm-fleet-keepalive.conf"
 
 # ---- hosts: firewall ----------------------------------------------------------------------------
 # The rules of the one nftables table vllm-fleet owns, and the unit that loads them at boot.
