@@ -9,13 +9,15 @@ without restarting an instance or dropping a request in flight.
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass
 from io import StringIO
 
 import jinja2
-from pyinfra import host
-from pyinfra.facts.server import LinuxDistribution
-from pyinfra.api import deploy
+from pyinfra import host, state
+from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -129,12 +131,18 @@ def instance_caps(plan: FleetPlan, data) -> dict[str, int]:
             for h in plan.hosts for i in h.instances}
 
 
-def edge_packages(data) -> list[str]:
-    """What this load balancer installs: nginx, and the njs module only where the prefix policy
-    needs it (nothing else runs in nginx otherwise). Refuses a distribution without the module."""
-    if settings.value(data, "nginx_routing") != "prefix":
-        return ["nginx"]
-    return ["nginx", platform.njs_package(host.name, host.get_fact(LinuxDistribution))]
+def edge_packages(data, provider: Provider | None) -> list[str]:
+    """What this load balancer installs: nginx; the njs module only where the prefix policy or the
+    fallback needs it (nothing else runs in nginx otherwise); the system's CAs where the fallback
+    provider's certificate is checked against them. Refuses a distribution without the module."""
+    packages = ["nginx"]
+    routing = settings.value(data, "nginx_routing")
+    if routing == "prefix" or provider is not None:
+        setting, value = ("nginx_routing", routing) if routing == "prefix" else ("nginx_fallback", provider.mode)
+        packages.append(platform.njs_package(host.name, host.get_fact(LinuxDistribution), setting, value))
+    if provider is not None and provider.ca is None:
+        packages.append("ca-certificates")
+    return packages
 
 
 def tls_material(plan: EdgePlan, lb_name: str, data) -> tuple[str, str]:
@@ -149,8 +157,10 @@ def tls_material(plan: EdgePlan, lb_name: str, data) -> tuple[str, str]:
 
 @deploy("nginx load balancer")
 def load_balancer(plan: FleetPlan, data):
-    packages = edge_packages(data)
+    provider = plan.provider(host.name)
+    packages = edge_packages(data, provider)
     platform.install_packages(f"Install {' and '.join(packages)}", packages)
+    keepalive_sysctls(data)
     default_site = files.link(name="Remove the packaged default site", path=paths.NGINX_DEFAULT_SITE, present=False)
     private_dir = files.directory(name=f"Directory {paths.NGINX_PRIVATE_DIR} (root-only)",
                                   path=paths.NGINX_PRIVATE_DIR, user="root", group="root", mode="700")
@@ -159,8 +169,9 @@ def load_balancer(plan: FleetPlan, data):
     certificate = files.put(name="Install the edge's certificate", src=StringIO(chain), dest=paths.EDGE_CERTIFICATE,
                             mode="644")
     tls_key = private_file(name="Install the edge's TLS key", path=paths.EDGE_KEY, content=key)
-    keys = private_file(name="Install the client keys and the instances' internal key",
-                        path=paths.NGINX_SECRETS_CONF, content=render_secrets(edge_plan, data))
+    fallback_changed = fallback_files(provider)
+    keys = private_file(name="Install the client keys, the instances' internal key and the provider's",
+                        path=paths.NGINX_SECRETS_CONF, content=render_secrets(edge_plan, data, provider))
     private_file(name="Install the smoke test's client key", path=paths.SMOKE_KEY,
                  content=secrets.fleet_key(edge_plan.secrets_dir, "smoke").reveal() + "\n")
     # In place before the configuration that imports it is checked; gone with the prefix policy.
@@ -172,7 +183,72 @@ def load_balancer(plan: FleetPlan, data):
                                 present=False)
     conf = files.put(name="Render the fleet's edge", src=StringIO(render_conf(plan, host.name, data)),
                      dest=paths.NGINX_CONF)
-    changed = any_changed(conf, default_site, private_dir, certificate, tls_key, keys, prefix_key)
+    changed = any_changed(conf, default_site, private_dir, certificate, tls_key, keys, prefix_key, *fallback_changed)
     server.shell(name="Check the nginx configuration", commands=["nginx -t -q"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)
     systemd.service(name="Reload nginx on its new configuration", service="nginx", reloaded=True, _if=changed)
+
+
+def keepalive_sysctls(data) -> None:
+    """TCP keepalive timing (nginx_dead_peer_timeout) for nginx's sockets to the instances, in
+    force now and at boot; the kernel reads it whenever a timer is set, so open connections follow
+    without a reload. Global to the host's network namespace: any other socket that asks for
+    keepalive gets it too."""
+    probes = fallback.keepalive_probes(settings.value(data, "nginx_dead_peer_timeout"))
+    text = "# Managed by vllm-fleet: nginx_dead_peer_timeout (roles/plan/fallback.py).\n" + "".join(
+        f"{name} = {value}\n" for name, value in probes.items())
+    sysctl_file = files.put(name="TCP keepalive timing for connections to the instances", src=StringIO(text),
+                            dest=paths.KEEPALIVE_SYSCTL, mode="644")
+    server.shell(name="Apply the TCP keepalive timing", commands=[f"sysctl -q -p {paths.KEEPALIVE_SYSCTL}"],
+                 _if=sysctl_file.did_change)
+
+
+def fallback_files(provider: Provider | None) -> list:
+    """The fallback's body function, the CAs its provider's certificate must chain to (the
+    operator's; else the system's, nothing to install) and the provider's key for the probe; each
+    removed when there is no provider. The provider must accept the key before nginx is given it."""
+    if provider is None:
+        return [files.file(name=f"Remove {path} (no fallback provider)", path=path, present=False)
+                for path in (paths.NGINX_FALLBACK_JS, paths.FALLBACK_CA, paths.FALLBACK_KEY, paths.PROVIDER_PROBE_PATH)]
+    ops = [files.put(name="Install the fallback's body function", src=str(paths.FALLBACK_JS),
+                     dest=paths.NGINX_FALLBACK_JS, mode="644"),
+           files.put(name="Install the fallback provider's probe", src=str(paths.PROVIDER_PROBE),
+                     dest=paths.PROVIDER_PROBE_PATH, mode="755"),
+           private_file(name="Install the fallback provider's key", path=paths.FALLBACK_KEY,
+                        content=provider.key.reveal() + "\n")]
+    if provider.ca is not None:
+        ops.append(files.put(name="Install the CAs of the fallback provider", src=str(provider.ca),
+                             dest=paths.FALLBACK_CA, mode="644"))
+    else:
+        ops.append(files.file(name=f"Remove {paths.FALLBACK_CA} (the system's CAs check the provider)",
+                              path=paths.FALLBACK_CA, present=False))
+    check_provider(name="Check the fallback provider from this load balancer", provider=provider)
+    return ops
+
+
+def provider_probe_command(provider: Provider) -> str:
+    """The provider probe on this load balancer, with the CAs nginx checks the provider against."""
+    ca = paths.FALLBACK_CA if provider.ca is not None else paths.SYSTEM_CA_BUNDLE
+    return shlex.join(["python3", paths.PROVIDER_PROBE_PATH, "--models-url", provider.models_url, "--ca", ca,
+                       "--key-file", paths.FALLBACK_KEY, "--model", provider.model])
+
+
+@operation()
+def check_provider(provider: Provider):
+    """Refuse a provider that refuses the key, lists no such model or whose certificate does not
+    chain to the CAs, before nginx is given the key; a provider that cannot be reached now is
+    said loudly and the deploy goes on (the smoke test says it again)."""
+    if not state.is_executing:
+        return
+    result = json.loads(host.get_fact(Command, command=provider_probe_command(provider)))
+    if result["ok"]:
+        host.log_styled(f"fallback provider {provider.authority} accepts the key and serves {provider.model}",
+                        fg="green")
+    elif not result["reachable"]:
+        host.log_styled(f"WARNING fallback provider not checked: {result['problem']}; requests that fall back "
+                        "will fail until it answers", fg="yellow", bold=True)
+    else:
+        problem = f"host {host.name}: `nginx_fallback_url`: {result['problem']}. Fix the key (vllm-fleet keys " \
+                  "fallback), nginx_fallback_model or nginx_fallback_ca; nginx was not given the key."
+        yield StringCommand(f"echo {shlex.quote(problem)} >&2; exit 1")
+

@@ -83,9 +83,9 @@ SMOKE_KEY = f"{NGINX_PRIVATE_DIR}/smoke.key"
 # Read by nginx's master process (js_import) when it loads its configuration, as root.
 NGINX_PREFIX_KEY = f"{NGINX_PRIVATE_DIR}/prefix_key.js"
 NGINX_FALLBACK_JS = f"{NGINX_PRIVATE_DIR}/fallback.js"
-# The fallback provider's key: an Authorization header line, for the provider probe (nginx's copy is in
-# secrets.conf); and the CAs its certificate must chain to, the operator's or the system's.
-FALLBACK_AUTHORIZATION = f"{NGINX_PRIVATE_DIR}/fallback.authorization"
+# The fallback provider's key, for the provider probe (nginx's copy is in secrets.conf); and the CAs its
+# certificate must chain to, the operator's (else the system's).
+FALLBACK_KEY = f"{NGINX_PRIVATE_DIR}/fallback.key"
 FALLBACK_CA = f"{NGINX_PRIVATE_DIR}/fallback-ca.pem"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 PROVIDER_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/provider_probe.py"

@@ -96,16 +96,16 @@ def for_host(host_name: str, distro: dict, lock_python: str, python_override: st
                     python_from_distribution=python_override is None)
 
 
-def njs_package(host_name: str, distro: dict) -> str:
+def njs_package(host_name: str, distro: dict, setting: str, value: str) -> str:
     """The package of nginx's njs module on a host, from its LinuxDistribution fact; refused where
-    the distribution has none."""
+    the distribution has none, naming the ``setting`` whose ``value`` needs the module."""
     name, version = distro.get("name"), _version_key(distro)
     package = NJS_PACKAGES.get((name, version))
     if package is None:
         known = " or ".join(f"{n} {v}" for n, v in NJS_PACKAGES)
-        raise FleetConfigError(f"host {host_name}: `nginx_routing`",
-                               f"is 'prefix', which needs nginx's njs module, and {name} {version}'s archive has "
+        other = "least_conn or session" if setting == "nginx_routing" else "off"
+        raise FleetConfigError(f"host {host_name}: `{setting}`",
+                               f"is {value!r}, which needs nginx's njs module, and {name} {version}'s archive has "
                                "no package of it.",
-                               f"set nginx_routing to least_conn or session on this load balancer, or run it on "
-                               f"{known}.")
+                               f"set {setting} to {other} on this load balancer, or run it on {known}.")
     return package

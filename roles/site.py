@@ -62,7 +62,7 @@ def serve(plan: FleetPlan):
     env_texts: dict[str, str] = {}
     if host.name in plan.lb_hosts:
         # A load balancer whose distribution lacks what its routing needs is refused before any change.
-        nginx.edge_packages(host.data.dict())
+        nginx.edge_packages(host.data.dict(), plan.provider(host.name))
     if host_plan is not None:
         _warn_tight_fits(host_plan)
         if _onboard(host_plan) is None:

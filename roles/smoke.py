@@ -14,6 +14,7 @@ from pyinfra import host, state
 from pyinfra.api import StringCommand, operation
 from pyinfra.facts.server import Command
 
+from roles.nginx import provider_probe_command
 from roles.paths import EDGE_CERTIFICATE, ENV_DIR, FLEET_PROBE_PATH, SMOKE_KEY
 from roles.plan import edge, settings
 from roles.plan.fleet import FleetPlan
@@ -49,8 +50,23 @@ def fleet_smoke(plan: FleetPlan, data):
         # Before execution the instances may not exist yet; there is nothing to check.
         return
     outcome = json.loads(host.get_fact(Command, command=command))
+    provider = plan.provider(host.name)
+    if provider is not None:
+        warn_of_the_provider(provider)
     if outcome["ok"]:
         # Logged, not a noop: operators want to see the proof at the end of every deploy.
         host.log_styled("smoke test passed: " + ", ".join(r["check"] for r in outcome["results"]), fg="green")
         return
     yield StringCommand(probe_command(plan, host.name, data, report=True))
+
+
+def warn_of_the_provider(provider) -> None:
+    """Say loudly when the fallback provider does not answer this load balancer as it should: the
+    fleet serves, but what falls back would fail. (A provider refusing its key never gets here: the
+    deploy stopped before nginx was given the key.)"""
+    result = json.loads(host.get_fact(Command, command=provider_probe_command(provider)))
+    if result["ok"]:
+        host.log_styled(f"smoke test: fallback provider {provider.authority} serves {provider.model}", fg="green")
+    else:
+        host.log_styled(f"WARNING smoke test: the fallback provider fails: {result['problem']}; requests that fall "
+                        "back get 502 until it answers", fg="red", bold=True)

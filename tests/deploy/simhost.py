@@ -80,6 +80,8 @@ class SimulatedHost:
         self.amtool: list[tuple[str, dict]] = []  # (file, the file as it was then) amtool checked, in order
         self.refusing: set[str] = set()  # checkers (amtool) that refuse every file here: CheckRefused
         self.smoked: list[argparse.Namespace] = []  # the smoke tests run, as the probe read their arguments
+        self.provider = {"ok": True, "reachable": True, "problem": ""}  # what the provider probe finds from here
+        self.provider_probes: list[list[str]] = []  # the provider probes run, their argv
         self.loaded_units: dict[str, str] = {}  # unit file -> its sha1 when systemd last loaded it
         self.oneshots: list[str] = []  # oneshot services run (started, then done), in order
 
@@ -208,6 +210,11 @@ class SimulatedHost:
             asked = json.loads(shlex.split(command)[-1])
             return json.dumps({name: self.refused_flags.get(name) for name in asked})
         argv = shlex.split(command)
+        if argv[:2] == ["python3", paths.PROVIDER_PROBE_PATH]:
+            key = self.files.get(argv[argv.index("--key-file") + 1])
+            assert key is not None and key["mode"] == 600, f"the provider probe reads no root-only key: {argv}"
+            self.provider_probes.append(argv)
+            return json.dumps(self.provider)
         if argv[:3] == ["python3", paths.FLEET_PROBE_PATH, "smoke"]:
             self._smoke(argv)
             return json.dumps({"ok": self.smoke_ok, "results": [{"check": "x", "ok": self.smoke_ok}]})

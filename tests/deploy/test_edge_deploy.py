@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("no_wheel_download", "in_tmp")
 
 LB = {"ssh_hostname": "10.9.0.2"}
 PRIVATE = {
-    paths.NGINX_SECRETS_CONF: "Install the client keys and the instances' internal key",
+    paths.NGINX_SECRETS_CONF: "Install the client keys, the instances' internal key and the provider's",
     paths.EDGE_KEY: "Install the edge's TLS key",
     paths.SMOKE_KEY: "Install the smoke test's client key",
 }
@@ -153,7 +153,7 @@ def test_a_new_client_key_is_a_reload_of_nginx_and_no_restart(host_data, tmp_pat
     new_key, _ = secrets.add_client_key(edge.secrets, "alice")  # step 1 of a rotation: a second key
     timeline = edge.deploy()
     assert [(name, short(op)) for name, op in timeline if op.commands] == [
-        ("lb1", "Install the client keys and the instances' internal key"),
+        ("lb1", "Install the client keys, the instances' internal key and the provider's"),
         ("lb1", "Check the nginx configuration"),
         ("lb1", "Reload nginx on its new configuration")]
     assert edge.sims["h1"].restarts == [] and edge.sims["lb1"].drained == []

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from tests.unit.edge_harness import Edge
+from tests.unit.provider_stand_in import Provider
 
 
 @pytest.fixture
@@ -26,3 +27,13 @@ def running(host_data, tmp_path):
     yield start
     for edge in started:
         edge.nginx("-s", "quit", check=False)
+
+
+@pytest.fixture
+def provider(tmp_path):
+    """A stand-in fallback provider on loopback (tests/unit/provider_stand_in.py), stopped after the test."""
+    folder = tmp_path / "provider"
+    folder.mkdir()
+    server = Provider(folder)
+    yield server
+    server.shutdown()
