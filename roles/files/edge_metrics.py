@@ -58,22 +58,25 @@ SEEDED_STATUSES = ("200", "308", "400", "401", "404", "413", "429", "499", "500"
 #   $remote_addr [$time_local] client=$vllm_fleet_client "$request" $status $body_bytes_sent upstream=...
 # nginx escapes '"' and '\' inside a value (as \x22, \x5C), so a quoted value holds no quote.
 _LINE = re.compile(rb'^\S+ \[[^\]]*\] client=[^"]*"[^"]*" ([1-5][0-9][0-9]) ')
+# The log format's last field: which answered, the fleet or the fallback provider (nginx_fallback).
+_FALLBACK = b" served_by=fallback"
 _UPSTREAM = re.compile(r"(\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\s:\[\]]+):([0-9]{1,5})")
 
 
-def parse_statuses(lines) -> tuple[dict[str, int], int]:
-    """The responses per status among access log lines (bytes, without their newline), and how
-    many lines were not of the fleet's format."""
+def parse_statuses(lines) -> tuple[dict[str, int], int, int]:
+    """The responses per status among access log lines (bytes, without their newline), how many
+    of them the fallback provider served, and how many lines were not of the fleet's format."""
     counts: dict[str, int] = {}
-    unparsed = 0
+    fallback = unparsed = 0
     for line in lines:
         match = _LINE.match(line)
         if match:
             status = match.group(1).decode()
             counts[status] = counts.get(status, 0) + 1
+            fallback += line.rstrip().endswith(_FALLBACK)
         elif line.strip():
             unparsed += 1
-    return counts, unparsed
+    return counts, fallback, unparsed
 
 
 def _read_lines(f, offset: int, max_bytes: int) -> tuple[list[bytes], int]:
@@ -96,7 +99,7 @@ def _head(f, length: int) -> tuple[str, int]:
 
 def read_log(path: str, state: dict, max_bytes: int = MAX_BYTES) -> tuple[dict, bool]:
     """The state with the log's new lines counted, and whether the log could be read. The state:
-    {"inode", "head": [sha256, bytes], "offset", "counts": {status: n}, "unparsed": n}."""
+    {"inode", "head": [sha256, bytes], "offset", "counts": {status: n}, "fallback": n, "unparsed": n}."""
     inode, offset = state.get("inode"), state.get("offset", 0)
     head = state.get("head")
     lines: list[bytes] = []
@@ -120,12 +123,12 @@ def read_log(path: str, state: dict, max_bytes: int = MAX_BYTES) -> tuple[dict, 
         new, offset = _read_lines(f, offset, max_bytes)
         lines += new
         head = _head(f, min(HEAD_BYTES, offset))
-    counts, unparsed = parse_statuses(lines)
+    counts, fallback, unparsed = parse_statuses(lines)
     total = dict(state.get("counts", {}))
     for status, n in counts.items():
         total[status] = total.get(status, 0) + n
     return {**state, "inode": stat.st_ino, "head": list(head), "offset": offset, "counts": total,
-            "unparsed": state.get("unparsed", 0) + unparsed}, True
+            "fallback": state.get("fallback", 0) + fallback, "unparsed": state.get("unparsed", 0) + unparsed}, True
 
 
 def upstream(text: str) -> tuple[str, int]:
@@ -171,6 +174,9 @@ def exposition(state: dict, log_up: bool, upstreams: dict[str, bool]) -> str:
         ("responses_total", "counter", ("Responses of the edge (nginx on this load balancer) by HTTP status, "
                                         "counted from its access log."),
          [({"status": s}, counts[s]) for s in sorted(counts)]),
+        ("fallback_responses_total", "counter", ("Responses of the edge that the fallback provider served "
+                                                 "(nginx_fallback), counted from its access log."),
+         [({}, state.get("fallback", 0))]),
         ("log_unparsed_lines_total", "counter", "Access log lines not in the fleet's log format (not counted above).",
          [({}, state.get("unparsed", 0))]),
         ("log_up", "gauge", "1 when the access log was read on this run.", [({}, int(log_up))]),

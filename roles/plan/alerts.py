@@ -37,6 +37,7 @@ THRESHOLD_SETTINGS = (
     "monitor_ttft_p95_max_s",
     "monitor_itl_p95_max_s",
     "monitor_lb_5xx_ratio_max",
+    "monitor_fallback_share_max",
     "monitor_gpu_temperature_max_c",
     "monitor_disk_free_min",
 )

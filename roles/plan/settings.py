@@ -320,6 +320,9 @@ SETTINGS: tuple[Setting, ...] = (
             "for 10 minutes: the SLO.", above=0),
     Setting("monitor_lb_5xx_ratio_max", float, 0.05,
             "Alert when more than this share of the edge's responses are 5xx for 5 minutes.", above=0, maximum=1),
+    Setting("monitor_fallback_share_max", float, 0.25,
+            "Alert when the fallback provider answers more than this share of the edge's requests for 10 minutes "
+            "(what it serves is paid for).", above=0, maximum=1),
     Setting("monitor_gpu_temperature_max_c", int, 85, "Alert when a GPU is hotter than this (Celsius) for 5 minutes.",
             minimum=1),
     Setting("monitor_disk_free_min", float, 0.10,

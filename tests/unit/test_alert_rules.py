@@ -26,6 +26,7 @@ OTHER_METRICS = {
     "up", "node_systemd_unit_state", "node_filesystem_avail_bytes", "node_filesystem_size_bytes",
     "node_timex_sync_status", "node_timex_maxerror_seconds", "nginx_up",
     "vllm_fleet_edge_responses_total", "vllm_fleet_edge_upstreams_up", "vllm_fleet_edge_upstreams_total",
+    "vllm_fleet_edge_fallback_responses_total",
     "vllm_fleet_gpu_count", "vllm_fleet_gpu_expected_count", "vllm_fleet_gpu_temperature_celsius",
     "vllm_fleet_gpu_ecc_uncorrected_volatile_total", "vllm_fleet_gpu_remapped_rows_failed",
     "vllm_fleet_gpu_remapped_rows_pending", "vllm_fleet_gpu_xid_events_total",
@@ -137,6 +138,7 @@ THRESHOLDS = {
     "monitor_ttft_p95_max_s": (3.25, "VllmTtftP95AboveSlo"),
     "monitor_itl_p95_max_s": (0.125, "VllmItlP95AboveSlo"),
     "monitor_lb_5xx_ratio_max": (0.02, "EdgeErrorRatioHigh"),
+    "monitor_fallback_share_max": (0.5, "EdgeFallbackShareHigh"),
     "monitor_gpu_temperature_max_c": (77, "GpuTemperatureHigh"),
     "monitor_disk_free_min": (0.15, "ModelCacheDiskFilling"),
 }

@@ -50,14 +50,15 @@ def nginx_escape(text: str) -> str:
 
 
 def line(status=200, client="alice", request="POST /v1/chat/completions HTTP/1.1", upstream="10.9.0.11:8001",
-         upstream_status=None) -> str:
+         upstream_status=None, served_by="fleet") -> str:
     """One access log line as nginx writes it in the template's format (an empty variable is
     written as nothing, an unset one as '-')."""
     values = {"remote_addr": "203.0.113.7", "time_local": "10/Oct/2025:13:55:36 +0000",
               "vllm_fleet_client": client, "request": nginx_escape(request), "status": str(status),
               "body_bytes_sent": "1234", "upstream_addr": upstream,
               "upstream_status": upstream_status or (str(status) if upstream != "-" else "-"),
-              "request_time": "0.532", "upstream_connect_time": "0.001" if upstream != "-" else "-"}
+              "request_time": "0.532", "upstream_connect_time": "0.001" if upstream != "-" else "-",
+              "vllm_fleet_served_by": served_by}
     text = re.sub(r"\$([a-z_]+)", lambda m: values[m.group(1)], log_format())
     assert "$" not in text
     return text
@@ -73,6 +74,9 @@ REAL = [
     # Failover: the first instance refused, the second answered.
     line(200, upstream="10.9.0.11:8001, 10.9.0.12:8001", upstream_status="502, 200"),
     line(503, upstream="10.9.0.11:8001, 10.9.0.12:8001", upstream_status="502, 502"),
+    # Every instance refused: the fallback provider answered (nginx_fallback).
+    line(200, upstream="10.9.0.11:8001, 10.9.0.12:8001 : 198.51.100.4:443", upstream_status="502, 502 : 200",
+         served_by="fallback"),
     # The plain-HTTP port's redirect, and a request line nginx could not parse.
     line(308, client="", request="GET / HTTP/1.1", upstream="-"),
     line(400, client="", request="", upstream="-"),
@@ -121,17 +125,17 @@ def test_the_template_log_format_is_the_one_parsed():
 
 
 def test_lines_of_the_real_format_count_by_their_own_status():
-    counts, unparsed = edge_metrics.parse_statuses(text.encode() for text in REAL)
-    assert counts == {"200": 3, "401": 1, "404": 1, "429": 1, "503": 1, "308": 1, "400": 1, "499": 1}
-    assert unparsed == 0
+    counts, fallback, unparsed = edge_metrics.parse_statuses(text.encode() for text in REAL)
+    assert counts == {"200": 4, "401": 1, "404": 1, "429": 1, "503": 1, "308": 1, "400": 1, "499": 1}
+    assert fallback == 1 and unparsed == 0
 
 
 def test_other_lines_are_counted_apart_and_not_as_responses():
     lines = [b"hello", b'10.0.0.1 - - [10/Oct/2025:13:55:36 +0000] "GET / HTTP/1.1" 200 612 "-" "curl/8.0"',
              line(200, request="GET /x 999 HTTP/1.1").encode(), b"", b"   "]
-    counts, unparsed = edge_metrics.parse_statuses(lines)
+    counts, fallback, unparsed = edge_metrics.parse_statuses(lines)
     # nginx's `combined` format is not the fleet's: not a response of the edge.
-    assert counts == {"200": 1} and unparsed == 2
+    assert counts == {"200": 1} and fallback == 0 and unparsed == 2
 
 
 def test_only_the_status_becomes_a_label(log):
@@ -329,7 +333,7 @@ def test_the_textfile_and_state_are_replaced_whole(log, upstreams):
     assert [p.name for p in log.out.parent.iterdir()] == ["vllm-fleet-edge.prom"]
     assert [p.name for p in log.state.parent.iterdir()] == ["edge-state.json"]
     series = parse_exposition(log.out.read_text())
-    assert value(series, f"{P}responses_total", status="200") == 3
+    assert value(series, f"{P}responses_total", status="200") == 4 and value(series, f"{P}fallback_responses_total") == 1
     assert value(series, f"{P}upstreams_up") == 1 and value(series, f"{P}log_unparsed_lines_total") == 0
 
 
@@ -338,7 +342,7 @@ def test_the_names_are_those_the_alert_rules_read(log, upstreams):
     series = log.collect(upstreams)
     rules = (TEMPLATES / "prometheus" / "vllm-fleet-rules.yml.j2").read_text()
     used = set(re.findall(r"\bvllm_fleet_edge_[a-z_]+", rules))
-    assert used == {f"{P}responses_total", f"{P}upstreams_up", f"{P}upstreams_total"}
+    assert used == {f"{P}responses_total", f"{P}fallback_responses_total", f"{P}upstreams_up", f"{P}upstreams_total"}
     assert used <= {name for name, _ in series}
 
 
