@@ -54,6 +54,20 @@ def test_summary_counts_the_errors_of_failed_requests_by_their_last_line():
     assert counts == {"ClientResponseError: 429, Too Many Requests": 2, "Cannot connect to host 10.0.0.1:8001": 1}
 
 
+def test_requests_lost_to_the_bench_clients_own_parse_error_are_no_failures_of_the_fleet():
+    # vllm bench serve's SSE reader strips each read: a read ending just after "data: " makes the
+    # next event unparsable (vllm-project/vllm#51172). As its error reads in a saved result:
+    result = raw_result()
+    result["errors"][:2] = ["Traceback (most recent call last):\n  File \"...\", line 253, in async_request_openai_chat_"
+                            "completions\n    data = json.loads(chunk)\njson.decoder.JSONDecodeError: Expecting value: "
+                            "line 1 column 1 (char 0)\n", "ClientResponseError: 502, Bad Gateway"]
+    result["completed"], result["failed"] = 4, 2
+    summary = plan.summarize(result)
+    assert (summary["failed"], summary["client_parse_failed"]) == (1, 1)
+    line = plan.point_summary("edge", plan.Point("concurrency", 2), summary)
+    assert "1 failed" in line and "1 more lost by vllm bench's own SSE reader (vllm-project/vllm#51172)" in line
+
+
 def test_medians_are_taken_per_target_and_load_over_the_repeats():
     base = plan.summarize(raw_result())
     points = [{"target": "edge", "axis": "concurrency", "value": 2, "repeat": i, "error": None,
