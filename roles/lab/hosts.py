@@ -115,22 +115,30 @@ def nspawn_argv(name: str, merged: Path) -> list[str]:
             "--console=read-only"]
 
 
+# nspawn mounts /proc/sys read-only; "network" leaves /proc/sys/net writable, which is the host's
+# own network namespace here: a load balancer's deploy sets its TCP keepalive timing there
+# (nginx_dead_peer_timeout), as root on a real host does.
+NSPAWN_ENV = {"SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
+
+
 def booted_as_now(name: str, merged: Path) -> bool:
-    """Whether the running host was booted as ``nspawn_argv`` boots one today (a lab kept from
-    an older checkout may lack an option that a deploy now needs)."""
+    """Whether the running host was booted as ``nspawn_argv`` and ``NSPAWN_ENV`` boot one today (a
+    lab kept from an older checkout may lack an option that a deploy now needs)."""
     pid = nspawn_pid(name)
     try:
         running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     except (OSError, TypeError):
         return False
-    return [arg.decode() for arg in running] == nspawn_argv(name, merged)
+    wanted = {f"{key}={value}".encode() for key, value in NSPAWN_ENV.items()}
+    return [arg.decode() for arg in running] == nspawn_argv(name, merged) and wanted <= environ
 
 
 def boot_host(name: str, merged: Path) -> None:
     """Start nspawn for a host, detached."""
     console = open(host_dir(name) / "console.log", "ab")
     process = subprocess.Popen(
-        nspawn_argv(name, merged),
+        nspawn_argv(name, merged), env={**os.environ, **NSPAWN_ENV},
         stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
         start_new_session=True,  # own session: the host outlives this CLI and its terminal
         preexec_fn=lambda: enter_own_cgroups(name),
