@@ -4,7 +4,7 @@ Two hosts: lab1 runs two instances and the load balancer, lab2 runs one instance
 setting, its type and default: `vllm-fleet settings` (declared in roles/plan/settings.py).
 """
 
-from roles.lab.config import STATE_DIR, load_state
+from roles.lab.config import PROVIDER_PORT, STATE_DIR, load_state
 from roles.preflight import plan_before_connecting
 
 _lab = load_state()
@@ -52,6 +52,9 @@ vllm = [
                  "vllm_instances": _INSTANCES[i] if i < len(_INSTANCES) else _INSTANCES[-1]})
     for i, h in enumerate(_lab["hosts"])
 ]
+# The last host may also run the lab's stand-in fallback provider (roles/lab/provider.py, for
+# tests/lab/test_lab_fallback.py): its TLS port is open there, where nothing listens otherwise.
+vllm[-1][1]["firewall_allow_tcp"] = [PROVIDER_PORT]
 # The lab's secrets live with the lab, outside git: `vllm-fleet lab up` writes clients.toml (one
 # client, "lab"); the deploy generates the rest (the instances' internal key, the fleet CA and the
 # edge's certificate). A production inventory keeps them in a .gitignored folder (see prod.py).

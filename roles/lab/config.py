@@ -45,6 +45,8 @@ HOST_OFFSET = 10
 BRIDGE = "vflbr0"
 # Prefix of the per-host network namespaces (/run/netns/vfl-labN).
 NETNS_PREFIX = "vfl-"
+# Where the lab's stand-in fallback provider (roles/lab/provider.py) serves TLS, on the last host.
+PROVIDER_PORT = 8443
 # apt-cacher-ng's port on the bridge address.
 APT_PROXY_PORT = 3142
 # Where apt-cacher-ng started by the lab writes its pid (a dir the daemon's user may write).
