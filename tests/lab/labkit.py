@@ -4,6 +4,7 @@ lab created; every load loop is bounded in request count and in time."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 
-from roles.cli import LabEdge
+from roles.cli import LabEdge, openai_client
 from roles.lab.config import load_state
 from roles.lab.hosts import ssh_command
 
@@ -29,6 +31,17 @@ def bring_up_lab() -> dict:
     if not (MODEL / "config.json").exists():
         subprocess.run([sys.executable, "-m", "roles.cli", "lab", "model", str(MODEL)], cwd=REPO, check=True)
     return load_state()
+
+
+class Result(NamedTuple):
+    """One request of a Load: when it ended, whether it succeeded, what happened, when it started
+    and the model that answered (the fleet's, or the fallback provider's)."""
+
+    end: float
+    ok: bool
+    detail: str
+    start: float
+    model: str
 
 
 @dataclass
@@ -78,37 +91,63 @@ class Load:
     max_requests: int = 5000
     max_seconds: float = 300
     conversations: int = 12
+    # The longest answer asked for; a long one is still in flight when something happens to its host.
+    max_tokens: int = 16
+    # Through the OpenAI SDK, as a user's application sends them, instead of plain HTTP.
+    sdk: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
-    results: list[tuple[float, bool, str]] = field(default_factory=list)  # (end time, ok, detail)
+    results: list[Result] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def one(self, session: requests.Session, n: int) -> tuple[bool, str]:
+    def one(self, session: requests.Session, n: int) -> tuple[bool, str, str]:
+        """One request: whether it succeeded, what happened, and the model that answered."""
         base_url, model = self.edge.base_url, self.edge.model
         opening = f"Conversation {n % self.conversations}: hello"
         try:
             if n % 2:
                 r = session.post(f"{base_url}/completions", timeout=60,
-                                 json={"model": model, "prompt": opening, "max_tokens": 16})
-                return r.status_code == 200 and bool(r.json()["choices"]), f"completion HTTP {r.status_code}"
+                                 json={"model": model, "prompt": opening, "max_tokens": self.max_tokens})
+                ok = r.status_code == 200 and bool(r.json()["choices"])
+                return ok, f"completion HTTP {r.status_code}", r.json().get("model", "") if ok else ""
             with session.post(f"{base_url}/chat/completions", timeout=60, stream=True,
-                              json={"model": model, "stream": True, "max_tokens": 16,
+                              json={"model": model, "stream": True, "max_tokens": self.max_tokens,
                                     "messages": [{"role": "user", "content": opening}]}) as r:
                 events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
                 ok = r.status_code == 200 and events[-1:] == [b"data: [DONE]"]
-                return ok, f"stream HTTP {r.status_code}, {len(events)} events"
+                answered = json.loads(events[0].removeprefix(b"data: ")).get("model", "") if ok else ""
+                return ok, f"stream HTTP {r.status_code}, {len(events)} events", answered
         except requests.RequestException as e:
-            return False, f"{type(e).__name__}: {e}"
+            return False, f"{type(e).__name__}: {e}", ""
+
+    def one_sdk(self, client, n: int) -> tuple[bool, str, str]:
+        """``one`` through the OpenAI SDK."""
+        import openai
+
+        opening = f"Conversation {n % self.conversations}: hello"
+        try:
+            if n % 2:
+                done = client.completions.create(model=self.edge.model, prompt=opening, max_tokens=self.max_tokens)
+                return bool(done.choices), "sdk completion", done.model
+            chunks = list(client.chat.completions.create(
+                model=self.edge.model, messages=[{"role": "user", "content": opening}], max_tokens=self.max_tokens,
+                stream=True))
+            return bool(chunks), f"sdk stream, {len(chunks)} chunks", chunks[0].model if chunks else ""
+        except openai.OpenAIError as e:
+            return False, f"{type(e).__name__}: {e}", ""
 
     def worker(self, first: int, deadline: float) -> None:
         n = first
-        session = self.edge.session(self.api_key)  # one per thread: sessions are not thread-safe
+        # One per thread: sessions are not thread-safe.
+        session = openai_client(self.edge, self.api_key) if self.sdk else self.edge.session(self.api_key)
+        one = self.one_sdk if self.sdk else self.one
         while not self.stop.is_set() and time.monotonic() < deadline:
             with self.lock:
                 if len(self.results) >= self.max_requests:
                     return
-            ok, detail = self.one(session, n)
+            start = time.monotonic()
+            ok, detail, model = one(session, n)
             with self.lock:
-                self.results.append((time.monotonic(), ok, detail))
+                self.results.append(Result(time.monotonic(), ok, detail, start, model))
             n += 1
             self.stop.wait(self.pause)
 
