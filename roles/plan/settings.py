@@ -268,9 +268,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Instances no load balancer sends requests to, as HOST:INSTANCE (maintenance, or one instance alone "
             "behind the edge to measure it); a rolling update never puts them back. Never all of them.", item=str),
     Setting("nginx_fallback", str, "off",
-            "Where a request goes that no instance can take: off (503); failover: to nginx_fallback_url when every "
-            "instance is down or refuses it; overflow: also when every one has nginx_instance_cap requests in "
-            "flight. A request an instance received is never sent again.", choices=("off", "failover", "overflow")),
+            "Where a request goes that no instance can take: off (the client gets the 502 or 503); failover: to "
+            "nginx_fallback_url when every instance is down or refuses it; overflow: also when every one has "
+            "nginx_instance_cap requests in flight. A request an instance received is never sent again.",
+            choices=("off", "failover", "overflow")),
     Setting("nginx_fallback_url", str, None,
             "Base URL of the fallback's OpenAI-compatible API as its SDK takes it (e.g. https://api.example.com/v1); "
             "its key: fallback.key in nginx_secrets_dir (`vllm-fleet keys fallback`).", form=HTTPS_URL),
