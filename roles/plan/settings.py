@@ -244,8 +244,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_max_fails", int, 1,
             "Failed connections before an instance is taken out (passive check); 0 never takes one out.", minimum=0),
     Setting("nginx_fail_timeout", int, 10, "Seconds an instance stays out after max_fails failures.", minimum=1),
-    Setting("nginx_keepalive", int, 32, "Idle keepalive connections kept open to the instances per worker.",
-            minimum=1),
+    Setting("nginx_keepalive", int, 0,
+            "Idle connections to the instances nginx keeps for reuse, per worker; 0: a new one per request, so that "
+            "a host that vanished fails at connect and the request goes elsewhere (a reused one carries it away).",
+            minimum=0),
     Setting("nginx_client_max_body_size", str, "64m",
             "Largest request body nginx accepts (client_max_body_size, e.g. 64m); long prompts and images need more.",
             form=NGINX_SIZE),

@@ -37,7 +37,7 @@ def conf_of(fleet, data=None, down=frozenset()):
 def test_nginx_config_lists_every_instance_and_is_streaming_safe(host_data, fleet_of):
     fleet = fleet_of([("h1", host_data()), ("h2", host_data(ssh_hostname="10.9.0.12",
                                                             vllm_instances=[{"name": "a", "port": 8001}]))])
-    conf = conf_of(fleet, {"nginx_read_timeout": 1200})
+    conf = conf_of(fleet, {"nginx_read_timeout": 1200, "nginx_keepalive": 32})
     servers = [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")]
     assert servers == ["10.9.0.11:8001", "10.9.0.11:8002", "10.9.0.12:8001"]
     for directive in ("least_conn;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
