@@ -67,8 +67,8 @@ def limit_classes(clients: list[Client]) -> tuple[list[LimitClass], list[LimitCl
 
 def render_secrets(plan: EdgePlan, data, provider: Provider | None = None) -> str:
     """The root-only part of the configuration: each key to its client's name, the key nginx
-    sends to the instances, and the fallback provider's. Keys passed the plan's form (letters, digits and ._~+/=-): no quoting
-    is needed, and none could end the string."""
+    sends to the instances, and the fallback provider's. Keys passed the plan's form (letters,
+    digits and ._~+/=-): no quoting is needed, and none could end the string."""
     lines = ["# Managed by vllm-fleet. Client keys and the instances' internal key: root-only.",
              "map $http_authorization $vllm_fleet_client {", '    default "";']
     lines += [f'    "Bearer {key.reveal()}" {client.name};' for client in edge_clients(plan, data) for key in client.keys]
@@ -121,7 +121,7 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
         "caps": instance_caps(plan, data) if provider is not None and provider.mode == "overflow" else {},
         "fallback_routes": FALLBACK_ROUTES,
         "fallback_js": paths.NGINX_FALLBACK_JS,
-        "fallback_ca": paths.FALLBACK_CA if provider is not None and provider.ca else paths.SYSTEM_CA_BUNDLE,
+        "fallback_ca": fallback_ca_path(provider) if provider is not None else None,
     }
 
 
@@ -226,11 +226,16 @@ def fallback_files(provider: Provider | None) -> list:
     return ops
 
 
+def fallback_ca_path(provider: Provider) -> str:
+    """Where, on the load balancer, the CAs are that the provider's certificate must chain to:
+    the operator's (installed by ``fallback_files``), else the system's."""
+    return paths.FALLBACK_CA if provider.ca is not None else paths.SYSTEM_CA_BUNDLE
+
+
 def provider_probe_command(provider: Provider) -> str:
     """The provider probe on this load balancer, with the CAs nginx checks the provider against."""
-    ca = paths.FALLBACK_CA if provider.ca is not None else paths.SYSTEM_CA_BUNDLE
-    return shlex.join(["python3", paths.PROVIDER_PROBE_PATH, "--models-url", provider.models_url, "--ca", ca,
-                       "--key-file", paths.FALLBACK_KEY, "--model", provider.model])
+    return shlex.join(["python3", paths.PROVIDER_PROBE_PATH, "--models-url", provider.models_url, "--ca",
+                       fallback_ca_path(provider), "--key-file", paths.FALLBACK_KEY, "--model", provider.model])
 
 
 @operation()

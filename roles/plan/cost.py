@@ -51,7 +51,6 @@ def break_even(price_per_hour: float, tokens_per_s: float, api_price_per_million
     )
 
 
-
 def fallback_cost_per_day(daily_tokens: float, share: float, price_per_million: float) -> float:
     """What a fallback provider costs a day when it carries ``share`` of ``daily_tokens``."""
     return daily_tokens * share / 1e6 * price_per_million

@@ -41,7 +41,8 @@ def cost_lines(plan: FleetPlan) -> list[str]:
     lines = [f"cost: {gpus} GPU(s) at {price:g}/h, {instances} instance(s) at {rate:,.0f} tok/s each: "
              f"{cost_per_million_tokens(hourly, tokens_per_s):.3f} per million tokens at full load"]
     api, daily = settings.value(data, "vllm_api_price_per_million"), settings.value(data, "vllm_daily_tokens")
-    fallback_price, share = settings.value(data, "vllm_fallback_price_per_million"), settings.value(data, "vllm_fallback_share")
+    fallback_price = settings.value(data, "vllm_fallback_price_per_million")
+    share = settings.value(data, "vllm_fallback_share")
     if fallback_price and daily:
         lines.append(f"      the fallback provider at {fallback_price:g} per million, carrying {share:.0%} of the "
                      f"{daily:,} tokens a day (vllm_fallback_share): "
