@@ -12,6 +12,7 @@ fleet is deployed first. `up` is idempotent; `down` takes it all away.
 from __future__ import annotations
 
 import json
+import shlex
 import ssl
 import subprocess
 import time
@@ -57,14 +58,10 @@ def provider_host() -> dict:
 
 
 def on_host(name: str, action: str, stdin: str = "") -> None:
-    done = subprocess.run(ssh_command(name) + [f"python3 -c {_quoted(HOST_SCRIPT.read_text())} {action}"],
+    done = subprocess.run(ssh_command(name) + [f"python3 -c {shlex.quote(HOST_SCRIPT.read_text())} {action}"],
                           input=stdin, capture_output=True, text=True, timeout=600)
     if done.returncode:
         raise LabError(f"lab provider {action} on {name} failed:\n{done.stderr[-3000:]}")
-
-
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def up(secrets_dir: Path) -> LabProvider:
