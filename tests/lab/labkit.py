@@ -33,6 +33,26 @@ def bring_up_lab() -> dict:
     return load_state()
 
 
+def key_leaks(host: str, keys: list[str], journal: bool = False) -> list[str]:
+    """Where any of ``keys`` shows on a lab host outside root-only files: its process table, files
+    others may read or that root does not own (found with the keys on grep's stdin, never its
+    command line) and, with ``journal``, its journal."""
+    found = []
+    processes = ssh(host, "ps -eo args")
+    found += [f"{host}: ps" for key in keys if key in processes]
+    given = "\n".join(keys) + "\n"
+    holders = ssh(host, "grep -rlsF -f /dev/stdin /etc /var /run /tmp /root /home /usr/local /srv "
+                        "/opt/vllm-fleet/instances; true", stdin=given).split()
+    modes = ssh(host, "stat -c '%a %U %n' " + " ".join(holders)) if holders else ""
+    for mode, owner, path in (line.split(" ", 2) for line in modes.splitlines()):
+        if int(mode, 8) & 0o077 or owner != "root":
+            found.append(f"{host}: {path} ({mode} {owner})")
+    if journal and ssh(host, "journalctl -q --no-pager | grep -cF -f /dev/stdin; true", stdin=given) not in ("", "0"):
+        found.append(f"{host}: journal")
+    print(f"\n{host}: keys only in root-only files: {', '.join(holders)}")
+    return found
+
+
 class Result(NamedTuple):
     """One request of a Load: when it ended, whether it succeeded, what happened, when it started
     and the model that answered (the fleet's, or the fallback provider's)."""

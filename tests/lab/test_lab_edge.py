@@ -24,7 +24,7 @@ import requests
 from roles import cli, secrets
 from roles.lab.config import BRIDGE, HOST_OFFSET, SUBNET
 from roles.plan.edge import ClientEntry, Secret
-from tests.lab.labkit import REPO, Deploy, Load, bring_up_lab, run_deploy, ssh
+from tests.lab.labkit import REPO, Deploy, Load, bring_up_lab, key_leaks, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 
@@ -283,16 +283,7 @@ def test_no_secret_in_ps_shared_files_pyinfra_output_reports_or_git(edge, client
     assert OUTPUTS, "the rotation test's deploys are searched"
     found = []
     for host in (h["name"] for h in lab["hosts"]):
-        processes = ssh(host, "ps -eo args")
-        found += [f"{host}: ps" for key in keys if key in processes]
-        # Files holding a key, found with the keys on grep's stdin (never its command line).
-        holders = ssh(host, "grep -rlsF -f /dev/stdin /etc /var /run /tmp /root /home /usr/local /srv "
-                            "/opt/vllm-fleet/instances; true", stdin="\n".join(keys) + "\n").split()
-        modes = ssh(host, "stat -c '%a %U %n' " + " ".join(holders)) if holders else ""
-        for mode, owner, path in (line.split(" ", 2) for line in modes.splitlines()):
-            if int(mode, 8) & 0o077 or owner != "root":
-                found.append(f"{host}: {path} ({mode} {owner})")
-        print(f"\n{host}: keys only in root-only files: {', '.join(holders)}")
+        found += key_leaks(host, keys)
     found += [f"pyinfra output {i}" for i, output in enumerate(OUTPUTS) for key in keys if key in output]
     for path in (p for p in (REPO / ".cache").rglob("*") if p.is_file() and p.stat().st_size < 50_000_000):
         data = path.read_bytes()

@@ -31,7 +31,7 @@ from roles import cli
 from roles.lab import provider as lab_provider
 from roles.lab.config import veth_name
 from roles.plan.fallback import FALLBACK_KEY_FILE
-from tests.lab.labkit import Deploy, Load, Result, bring_up_lab, run_deploy, ssh
+from tests.lab.labkit import Deploy, Load, Result, bring_up_lab, key_leaks, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 
@@ -97,17 +97,6 @@ def start_fleet(lab, units: dict[str, str]) -> None:
         list(pool.map(start, units))
 
 
-def leaked(host: str, key: str) -> list[str]:
-    """Where ``key`` shows on a lab host outside root-only files: files others may read, the
-    journal, the process table. The key goes to grep on stdin, never on its command line."""
-    found = ssh(host, "k=$(cat); { grep -rlF -e \"$k\" /etc /var/log /usr/local /tmp /run 2>/dev/null | "
-                      "while read -r f; do [ \"$(stat -c %a \"$f\")\" = 600 ] || echo \"file $f\"; done; "
-                      "journalctl -q --no-pager | grep -qF -e \"$k\" && echo journal; "
-                      "ps -eo args | grep -F -e \"$k\" | grep -v grep | head -1 | sed 's/^/process /'; } || true",
-                stdin=key)
-    return found.splitlines()
-
-
 def served(results: list[Result], model: str) -> list[Result]:
     return [r for r in results if r.ok and r.model == model]
 
@@ -128,7 +117,7 @@ def test_a_wrong_provider_key_is_refused_before_nginx_has_it(provider, lab):
     assert refused.returncode != 0 and "the provider refused its key: HTTP 401" in refused.output
     assert wrong not in refused.output
     assert ssh(lb, f"grep -c '{PROVIDER_UPSTREAM}' /etc/nginx/conf.d/vllm-fleet.conf || true") == "0"
-    assert leaked(lb, wrong) == []
+    assert key_leaks(lb, [wrong], journal=True) == []
 
 
 # ---- failover ------------------------------------------------------------------------------------------
@@ -139,7 +128,7 @@ def test_every_instance_stopped_the_provider_answers_and_only_what_they_had_fail
     assert f"fallback provider {provider.host}:8443 accepts the key" in deployed.output
     key = (cli.lab_secrets() / FALLBACK_KEY_FILE).read_text().strip()
     assert key not in deployed.output
-    assert leaked(lab["hosts"][0]["name"], key) == []
+    assert key_leaks(lab["hosts"][0]["name"], [key], journal=True) == []
     with Load(edge, sdk=True, workers=2, pause=0.2, max_requests=2000, max_seconds=600) as load:
         time.sleep(8)
         stopped_at = time.monotonic()
