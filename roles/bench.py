@@ -31,11 +31,12 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from roles import secrets
+from roles.common import endpoint
 from roles.errors import FleetConfigError
-from roles.plan import edge, settings
 from roles.plan import bench as plan
+from roles.plan import edge, settings
 from roles.plan.bench import Point, Target, Workload
-from roles.plan.fleet import LB_GROUP, FleetPlan, endpoint
+from roles.plan.fleet import LB_GROUP, FleetPlan
 from roles.release.lock import lock_path, read_lock
 from roles.release.manifest import RELEASES_DIR, load_release
 from roles.release.wheelhouse import WHEELHOUSE_CACHE

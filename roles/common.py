@@ -32,3 +32,8 @@ def did_you_mean(name: str, candidates: list[str]) -> str | None:
     """The fix for a misspelt key: "did you mean `X`?", or None when nothing is close."""
     close = difflib.get_close_matches(str(name), candidates, n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
+
+
+def endpoint(address: str, port: int) -> str:
+    """ADDRESS:PORT as nginx, URLs and the drain probe take it (an IPv6 address in brackets)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

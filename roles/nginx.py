@@ -22,10 +22,11 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from roles import paths, platform, secrets
+from roles.common import endpoint
 from roles.plan import edge, fallback, forms, routing, settings
 from roles.plan.edge import Client, EdgePlan
 from roles.plan.fallback import FALLBACK_ROUTES, Provider
-from roles.plan.fleet import FleetPlan, endpoint
+from roles.plan.fleet import FleetPlan
 from roles.plan.monitoring import STUB_STATUS_PORT
 from roles.private_files import private_file
 

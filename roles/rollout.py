@@ -35,9 +35,10 @@ from pyinfra.facts.server import Command
 from pyinfra.facts.systemd import SystemdStatus
 
 from roles import gates, nginx, paths
+from roles.common import endpoint
 from roles.facts import InstanceReleases
 from roles.plan import settings
-from roles.plan.fleet import FleetPlan, HostPlan, endpoint
+from roles.plan.fleet import FleetPlan, HostPlan
 from roles.private_files import upload_commands
 
 REPORT_PATH = Path(".cache/rollout-report.json")

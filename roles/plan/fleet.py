@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from roles.common import sha256_file
+from roles.common import endpoint, sha256_file
 from roles.errors import FleetConfigError
 from roles.plan import alerts, consistency, dashboard, settings, status
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
@@ -113,11 +113,6 @@ class HostPlan:
     @property
     def model_dir(self) -> str:
         return self.model.host_dir(self.get("vllm_data_dir"))
-
-
-def endpoint(address: str, port: int) -> str:
-    """ADDRESS:PORT as nginx and the drain probe take it (an IPv6 address in brackets)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @dataclass(frozen=True)
