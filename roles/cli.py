@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roles.errors import FleetConfigError, LabError
-from roles.plan import settings
+from roles.plan import setting_checks, settings
 from roles.plan.edge import Secret
 
 
@@ -65,12 +65,12 @@ def bench(args) -> int:
 
 def show_settings(args) -> int:
     if args.name is None:
-        print(settings.describe())
+        print(setting_checks.describe())
         return 0
     if args.name not in settings.BY_NAME:
         raise FleetConfigError(f"`vllm-fleet settings {args.name}`", "is not a vllm-fleet setting.",
-                               settings.suggest(args.name, list(settings.BY_NAME)))
-    print(settings.describe([settings.BY_NAME[args.name]]))
+                               setting_checks.suggest(args.name, list(settings.BY_NAME)))
+    print(setting_checks.describe([settings.BY_NAME[args.name]]))
     return 0
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from roles.errors import FleetConfigError
 from roles.paths import TEMPLATES
-from roles.plan import settings
+from roles.plan import setting_checks, settings
 
 RULES_TEMPLATE = "vllm-fleet-rules.yml.j2"
 # The rendered file's name (roles.plan.monitoring.RULES_FILE is where Prometheus reads it).
@@ -74,7 +74,7 @@ _TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES / "prom
 def _setting_values(data: Mapping[str, Any], host_name: str) -> dict[str, Any]:
     """The effective value of every setting the rules read, each checked like the deploy checks it."""
     values = {name: settings.value(data, name) for name in RULE_SETTINGS}
-    settings.check_host_data(host_name, values)
+    setting_checks.check_host_data(host_name, values)
     return values
 
 

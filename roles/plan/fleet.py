@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from roles.common import endpoint, sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import alerts, consistency, dashboard, settings, status
+from roles.plan import alerts, consistency, dashboard, setting_checks, settings, status
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.fallback import Provider, plan_provider
@@ -215,7 +215,7 @@ def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, .
                                "set vllm_instances to a list such as [{name: a, port: 8001}].")
     instances, seen_names, seen_ports = [], {}, {}
     for index, entry in enumerate(entries):
-        settings.check_instance_entry(host_name, index, entry)
+        setting_checks.check_instance_entry(host_name, index, entry)
         where = f"host {host_name}: vllm_instances[{index}]"
         name, port = entry["name"], entry["port"]
         if name in seen_names:
@@ -309,7 +309,7 @@ def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Ins
 # ---- the whole fleet ---------------------------------------------------------------------------------
 
 def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
-    settings.check_host_data(name, data)
+    setting_checks.check_host_data(name, data)
     releases_dir = base_dir / settings.value(data, "vllm_releases_dir")
     if not releases_dir.is_dir():
         raise FleetConfigError(f"host {name}: `vllm_releases_dir`",
@@ -391,7 +391,7 @@ def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
     balancer is refused like one on a vLLM host. ``with_edge``: the edge's secrets are read and
     checked too (a deploy); without, only capacity is planned."""
     for host in inventory:
-        settings.check_host_data(host.name, host.data.dict())
+        setting_checks.check_host_data(host.name, host.data.dict())
     vllm_hosts = inventory.get_group(VLLM_GROUP, default=[])
     lb_hosts = inventory.get_group(LB_GROUP, default=[])
     plan = plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),

@@ -31,7 +31,7 @@ from pyinfra.connectors.util import CommandOutput
 from pyinfra.context import ctx_host, ctx_state
 
 from roles import secrets
-from roles.plan import settings
+from roles.plan import setting_checks
 from roles.plan.fleet import REPO_ROOT, FleetPlan, plan_fleet, with_edge_and_firewalls
 from tests.deploy.simhost import SimulatedHost
 
@@ -165,7 +165,7 @@ def fleet_plan(hosts: Iterable[tuple[str, Mapping]], lb_hosts: Iterable[str | tu
     plan = plan_fleet(hosts, [name for name, _ in lbs], base_dir=base_dir)
     lb_data = dict(lbs)
     for name, data in lbs:  # plan_fleet checks the vLLM hosts' settings; plan_inventory every host's
-        settings.check_host_data(name, data)
+        setting_checks.check_host_data(name, data)
     everyone = [(name, lb_data.get(name, data)) for name, data in hosts] + \
         [(name, data) for name, data in lbs if name not in data_of]
     return with_edge_and_firewalls(plan, lbs, everyone, base_dir, monitor_hosts, grafana_hosts)

@@ -9,7 +9,7 @@ import pytest
 from roles import secrets
 from roles.errors import FleetConfigError
 from roles.nginx import render_conf
-from roles.plan import settings
+from roles.plan import setting_checks, settings
 from roles.plan.edge import plan_fleet_edge
 from roles.plan.fleet import plan_fleet
 from roles.plan.routing import check_instances_down, held_down
@@ -138,5 +138,5 @@ def test_instances_down_may_not_take_every_instance_out(fleet):
 ])
 def test_the_settings_refuse_other_values(data, problem):
     with pytest.raises(FleetConfigError) as error:
-        settings.check_host_data("lb1", data)
+        setting_checks.check_host_data("lb1", data)
     assert error.value.problem == problem and error.value.field == f"host lb1: `{next(iter(data))}`"

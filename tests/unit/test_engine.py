@@ -8,7 +8,7 @@ import pytest
 from roles.errors import FleetConfigError
 from roles.plan import engine
 from roles.plan.fleet import Instance, auto_gpus, plan_fleet, split_cores
-from roles.plan.settings import describe
+from roles.plan.setting_checks import describe
 
 
 def host_plan(host_data, **overrides):

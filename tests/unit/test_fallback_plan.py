@@ -7,7 +7,7 @@ import pytest
 
 from roles import secrets
 from roles.errors import FleetConfigError
-from roles.plan import settings
+from roles.plan import setting_checks, settings
 from roles.plan.cost import fallback_cost_per_day
 from roles.plan.fallback import FALLBACK_KEY_FILE, instance_cap, keepalive_probes, plan_provider
 from roles.plan.fleet import plan_fleet
@@ -90,7 +90,7 @@ def test_the_ca_bundle_must_hold_certificates(folder, tmp_path):
 ])
 def test_the_settings_refuse_other_values(data, problem):
     with pytest.raises(FleetConfigError) as error:
-        settings.check_host_data("lb1", data)
+        setting_checks.check_host_data("lb1", data)
     assert problem in error.value.problem
 
 

@@ -16,7 +16,7 @@ import pytest
 from roles import firewall
 from roles.errors import FleetConfigError
 from roles.paths import REPO_ROOT
-from roles.plan import settings
+from roles.plan import setting_checks, settings
 from roles.plan.fleet import plan_fleet, with_edge_and_firewalls
 from tests.deploy.fakehost import session_secrets_dir
 
@@ -38,7 +38,7 @@ class Fleet:
     def plan(self):
         everyone = list(dict([*self.vllm, self.lb, self.mon1]).items())  # a load balancer may be a vLLM host
         for name, data in everyone:  # as plan_inventory does, for every host whatever its groups
-            settings.check_host_data(name, data)
+            setting_checks.check_host_data(name, data)
         return with_edge_and_firewalls(plan_fleet(self.vllm, [self.lb[0]]), [self.lb], everyone, Path.cwd(),
                                        self.monitors, self.grafanas)
 
@@ -146,7 +146,7 @@ def test_grafanas_settings_are_validated_and_secure_by_default():
 
 def test_a_misspelt_grafana_setting_is_refused_on_any_host(host_data):
     with pytest.raises(FleetConfigError) as refused:
-        settings.check_host_data("lb1", {"grafana_repo_ulr": MIRROR})
+        setting_checks.check_host_data("lb1", {"grafana_repo_ulr": MIRROR})
     assert refused.value.field == "host lb1: setting `grafana_repo_ulr`" and "grafana_repo_url" in refused.value.fix
 
 
