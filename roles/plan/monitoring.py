@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
+from roles.common import endpoint
 from roles.plan import consistency, settings
 
 if TYPE_CHECKING:
@@ -43,10 +44,6 @@ class MonitorPlan:
         return dict(self.jobs)[job]
 
 
-def _endpoint(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def plan_monitoring(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, Any]]],
                     monitor_hosts: Iterable[str]) -> MonitorPlan | None:
     """The scrape targets of a fleet whose inventory has a monitor group (None without one).
@@ -55,13 +52,13 @@ def plan_monitoring(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, An
     if not monitors:
         return None
     hosts = list(hosts)
-    vllm = tuple(Target(_endpoint(h.address, i.port), (("host", h.name), ("instance_name", i.name),
+    vllm = tuple(Target(endpoint(h.address, i.port), (("host", h.name), ("instance_name", i.name),
                                                        ("model", fleet.served_model_name),
                                                        ("release", h.release.name)))
                  for h in fleet.hosts for i in h.instances)
     addresses = {name: consistency.advertised_address(name, data) for name, data in hosts}
-    node = tuple(Target(_endpoint(address, NODE_EXPORTER_PORT), (("host", name),)) for name, address in addresses.items())
-    nginx = tuple(Target(_endpoint(addresses[name], NGINX_EXPORTER_PORT), (("host", name),)) for name in fleet.lb_hosts)
+    node = tuple(Target(endpoint(address, NODE_EXPORTER_PORT), (("host", name),)) for name, address in addresses.items())
+    nginx = tuple(Target(endpoint(addresses[name], NGINX_EXPORTER_PORT), (("host", name),)) for name in fleet.lb_hosts)
     return MonitorPlan(hosts=monitors, jobs=(("vllm", vllm), ("node", node), ("nginx", nginx)))
 
 
