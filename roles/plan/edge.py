@@ -115,6 +115,17 @@ def check_private(field: str, path: Path) -> None:
                                f"`chmod {wanted} {path}` (only its owner may read it).")
 
 
+def read_key_file(path: Path, goes_into: str, fix: str) -> Secret:
+    """The one key in the secret file ``path``: only its owner may read the file, and the key, which
+    goes verbatim into ``goes_into``, holds only characters that cannot end or break it there."""
+    check_private(str(path), path)
+    key = path.read_text(encoding="utf-8").strip()
+    if not key or len(key) > MAX_KEY_LENGTH or not KEY_CHARS.fullmatch(key):
+        raise FleetConfigError(str(path), f"does not hold one key of 1 to {MAX_KEY_LENGTH} letters, digits and "
+                               f"._~+/=- (it goes verbatim into {goes_into}).", f"{fix}.")
+    return Secret(key)
+
+
 def _toml_problem(message: str) -> str:
     """tomllib's message without the character it quotes (it could be part of a key)."""
     return re.sub(r"(character) '.*?' ", r"\1 ", message)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from roles.errors import FleetConfigError
 from roles.plan import settings
-from roles.plan.edge import KEY_CHARS, MAX_KEY_LENGTH, Secret, check_private, load_certificates, resolve
+from roles.plan.edge import Secret, load_certificates, read_key_file, resolve
 
 FALLBACK_KEY_FILE = "fallback.key"
 # The routes whose requests may go to the provider: they generate, and their body names the model.
@@ -84,18 +84,12 @@ def provider_key(lb_name: str, secrets_dir: Path) -> Secret:
     """The provider's key from ``fallback.key``: only its owner may read the file, and the key
     goes verbatim into nginx's configuration and an Authorization header."""
     path = Path(secrets_dir) / FALLBACK_KEY_FILE
-    field = f"host {lb_name}: `nginx_fallback`"
     fix = SET_KEY.format(folder=secrets_dir)
     if not path.is_file():
-        raise FleetConfigError(field, f"needs the provider's API key in {path}, which does not exist.",
+        raise FleetConfigError(f"host {lb_name}: `nginx_fallback`",
+                               f"needs the provider's API key in {path}, which does not exist.",
                                f"write it there with {fix}.")
-    check_private(str(path), path)
-    key = path.read_text(encoding="utf-8").strip()
-    if not key or len(key) > MAX_KEY_LENGTH or not KEY_CHARS.fullmatch(key):
-        raise FleetConfigError(str(path), f"does not hold one key of 1 to {MAX_KEY_LENGTH} letters, digits and "
-                               "._~+/=- (it goes verbatim into the nginx configuration and an HTTP header).",
-                               f"write the provider's key again with {fix}.")
-    return Secret(key)
+    return read_key_file(path, "the nginx configuration and an HTTP header", f"write the provider's key again with {fix}")
 
 
 def instance_cap(data: Mapping[str, Any], max_num_seqs: int) -> int:
