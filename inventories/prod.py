@@ -5,7 +5,9 @@ Two 2-GPU H100 servers serving Llama 3.3 70B behind one nginx host:
 - gpu-01 runs two instances, one GPU each, with the weights quantized to fp8 on the fly
   (70B in bf16 is 141 GB: it does not fit one 80 GB GPU, whatever field reports say);
 - gpu-02 runs one bf16 instance; its tensor-parallel size is left to the planner (2).
-Planning reads the model's config.json from inventories/model_configs/.
+Planning reads the model's config.json from inventories/model_configs/. The model is gated: its
+Hub token goes in the secrets folder (`vllm-fleet keys hub inventories/secrets/prod`); lb-01
+downloads it once and every GPU host pulls it from there.
 """
 
 from roles.preflight import plan_before_connecting
@@ -52,6 +54,10 @@ lb = [("lb-01.internal", {
     # "nginx_tls_key": "inventories/secrets/prod/api.example.com.key",
     "nginx_server_name": "api.example.com",
     "nginx_http_redirect_port": 80,
+    # The first load balancer is also the artifact cache: the control node sends it each release's
+    # wheels and the model once, and the GPU hosts pull them from it. It lets in the fleet's
+    # network only (the GPU hosts are named here, and nginx and the firewall allow addresses).
+    "cache_allow_from": ["10.0.0.0/24"],
 })]
 
 # Plan the fleet while pyinfra loads this file: a configuration that cannot work is refused

@@ -47,7 +47,7 @@ def plan(args) -> int:
     # pyinfra's inventory loader records the file it executes on the current state.
     with ctx_state.use(State()), capacity_only():
         inventory = make_inventory(args.inventory, cwd=os.getcwd())
-    print(render(plan_inventory(inventory, with_edge=False)))
+    print(render(plan_inventory(inventory, with_edge=False, with_cache=False)))
     return 0
 
 
@@ -150,7 +150,16 @@ def keys(args) -> int:
     if args.action == "list":
         return list_keys(directory)
     if args.action == "fallback":
-        return set_fallback_key(directory)
+        from roles.plan.fallback import FALLBACK_KEY_FILE, provider_key
+
+        return store_key(directory, FALLBACK_KEY_FILE, "the provider's API key: ",
+                         lambda folder: provider_key("control node", folder),
+                         "deploy to give it to the load balancers.")
+    if args.action == "hub":
+        from roles.artifact_sources import HUB_TOKEN_FILE, hub_token
+
+        return store_key(directory, HUB_TOKEN_FILE, "the Hugging Face token: ", hub_token,
+                         "deploy: the Hub is asked for the model with it before any host is touched.")
     if args.action == "add":
         key, client = secrets.add_client_key(directory, args.name)
         print(key.reveal())
@@ -169,19 +178,19 @@ def keys(args) -> int:
     return 0
 
 
-def set_fallback_key(directory: Path) -> int:
-    """Write the fallback provider's key into ``fallback.key``: asked for without echo on a terminal,
-    else read from stdin (never an argument: argv is readable by every user of the machine)."""
+def store_key(directory: Path, file_name: str, asked: str, check, then: str) -> int:
+    """Write a key into ``directory/file_name``: asked for without echo on a terminal, else read from
+    stdin (never an argument: argv is readable by every user of the machine); ``check(directory)``
+    refuses, naming the file, what its user could not take."""
     import getpass
 
     from roles import secrets
-    from roles.plan.fallback import FALLBACK_KEY_FILE, provider_key
 
-    key = getpass.getpass("the provider's API key: ") if sys.stdin.isatty() else sys.stdin.readline()
-    path = directory / FALLBACK_KEY_FILE
+    key = getpass.getpass(asked) if sys.stdin.isatty() else sys.stdin.readline()
+    path = directory / file_name
     secrets.write_private(path, f"{key.strip()}\n".encode())
-    provider_key("control node", directory)  # refuses, naming the file, what nginx could not take
-    print(f"wrote {path}; deploy to give it to the load balancers.", file=sys.stderr)
+    check(directory)
+    print(f"wrote {path}; {then}", file=sys.stderr)
     return 0
 
 
@@ -407,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("dir", help="the secrets folder")
     a = actions.add_parser("fallback", help="store the fallback provider's API key (nginx_fallback) as DIR/fallback.key, "
                                             "asked for without echo (or read from stdin)")
+    a.add_argument("dir", help="the secrets folder")
+    a = actions.add_parser("hub", help="store the Hugging Face token a gated hub model needs as DIR/hub.token, asked "
+                                       "for without echo (or read from stdin); only its download is given it")
     a.add_argument("dir", help="the secrets folder")
     p.set_defaults(run=keys)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 GIB = 1 << 30
 
@@ -37,3 +40,25 @@ def did_you_mean(name: str, candidates: list[str]) -> str | None:
 def endpoint(address: str, port: int) -> str:
     """ADDRESS:PORT as nginx, URLs and the drain probe take it (an IPv6 address in brackets)."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file a host receives and what it must hash to: sha256 (wheels, pushed models, a hub
+    model's LFS files), or the git blob id the Hub publishes for its other files."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+    git_sha1: str | None = None
+
+
+def manifest_json(files: Iterable[ArtifactFile]) -> str:
+    """The manifest ``roles/files/artifacts.py`` fetches and verifies by, on hosts."""
+    entries = [{"path": f.path, "size": f.size, **({"sha256": f.sha256} if f.sha256 else {"git_sha1": f.git_sha1})}
+               for f in files]
+    return json.dumps({"files": entries}, indent=1) + "\n"
+
+
+def total_bytes(files: Iterable[ArtifactFile]) -> int:
+    return sum(f.size for f in files)

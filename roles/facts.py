@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from itertools import pairwise
 
 from pyinfra.api import FactBase
@@ -112,3 +113,16 @@ class InstanceModels(FactBase):
             args = env_values([line])["ENGINE_ARGS"].split()
             models.update(value for flag, value in pairwise(args) if flag == "--model")
         return models
+
+
+class FileSizes(FactBase):
+    """The regular files under ``folder`` (paths relative to it) and their sizes in bytes; empty
+    where the folder does not exist."""
+
+    default = dict
+
+    def command(self, folder: str) -> str:
+        return f"find {shlex.quote(folder)} -type f -printf '%s %P\\n' 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> dict[str, int]:
+        return {path: int(size) for size, path in (line.split(" ", 1) for line in output if " " in line)}

@@ -23,6 +23,9 @@ PREFIX_KEY_JS = HOST_SCRIPTS / "prefix_key.js"
 FALLBACK_JS = HOST_SCRIPTS / "fallback.js"
 # Checks the fallback provider's key and model from a load balancer (its /models), before nginx uses them.
 PROVIDER_PROBE = HOST_SCRIPTS / "provider_probe.py"
+# Fetches and verifies release wheels and model files on hosts (from the artifact cache or the Hub), checks
+# what the control node pushed to the cache, and lists the wheels no release uses.
+ARTIFACTS = HOST_SCRIPTS / "artifacts.py"
 # `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
 SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
 # Grafana's provisioning files, installed as they are (the dashboard is roles.plan.dashboard.DASHBOARD).
@@ -43,6 +46,17 @@ EDGE_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/edge_metrics.py"
 TEXTFILE_PATH = f"{HOST_SCRIPTS_DIR}/textfile.py"
 # Written into a staged model or venv once it is complete; a folder without it is unfinished.
 DIGEST_FILE = ".vllm-fleet-digest"
+ARTIFACTS_PATH = f"{HOST_SCRIPTS_DIR}/artifacts.py"
+# In a staged model (and a model on the cache): the files it holds, with their sizes and digests.
+MODEL_MANIFEST = ".vllm-fleet-manifest.json"
+# In a release venv: the wheels of the host's wheel store ({vllm_install_dir}/wheels) it was built from.
+WHEEL_MANIFEST = ".wheels.json"
+# A Hub token, root-only on tmpfs for one download, which removes it before it connects.
+HUB_TOKEN_DIR = "/run/vllm-fleet"
+HUB_TOKEN_PATH = f"{HUB_TOKEN_DIR}/hub.token"
+
+# ---- hosts: the artifact cache ------------------------------------------------------------------
+CACHE_NGINX_CONF = "/etc/nginx/conf.d/vllm-fleet-cache.conf"
 
 # ---- hosts: NVIDIA driver -----------------------------------------------------------------------
 NVIDIA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive.gpg"

@@ -72,4 +72,5 @@ def plan_before_connecting(namespace: Mapping[str, Any]) -> None:
     groups = _groups(namespace)
     names = list(dict.fromkeys(h if isinstance(h, str) else h[0] for hosts, _ in groups.values() for h in hosts))
     with refusals():
-        plan_inventory(Inventory((names, {}), **groups), with_edge=not _CAPACITY_ONLY.get())
+        plan_inventory(Inventory((names, {}), **groups), with_edge=not _CAPACITY_ONLY.get(),
+                       with_cache=not _CAPACITY_ONLY.get())

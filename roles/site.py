@@ -5,19 +5,30 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from roles import firewall, grafana, monitor, nginx, nvidia, paths, rollout, secrets, smoke, vllm
+from roles import cache, firewall, grafana, monitor, nginx, nvidia, paths, rollout, secrets, smoke, vllm
 from roles.plan.fleet import FleetPlan, HostPlan
 
 
-def _onboard(host_plan: HostPlan):
-    """Driver (NVIDIA hosts), release venv, then the GPU health gate. None when the host was
-    stopped before any change (no GPU, Secure Boot without a signing key)."""
-    if host_plan.accelerator == "nvidia" and not nvidia.driver(host_plan):
+def _driver_ready(host_plan: HostPlan) -> bool:
+    """The NVIDIA driver on an NVIDIA host; False when the host was stopped before any change (no
+    GPU, Secure Boot without a signing key). Nothing to do on CPU hosts."""
+    return host_plan.accelerator != "nvidia" or bool(nvidia.driver(host_plan))
+
+
+def _installed(plan: FleetPlan, host_plan: HostPlan | None, with_model: bool):
+    """The artifact cache on its host (nothing of it elsewhere); on vLLM hosts the release venv,
+    pulled from it, then the GPU health gate on NVIDIA hosts and, ``with_model``, the staged model.
+    Returns the model's staging operation, or None."""
+    if plan.cache is not None and host.name == plan.cache.host:
+        cache.artifact_cache(plan, with_models=with_model)
+    else:
+        cache.no_cache_server()
+    if host_plan is None:
         return None
-    venv = vllm.release(host_plan)
+    vllm.release(host_plan, plan.cache)
     if host_plan.accelerator == "nvidia":
         nvidia.health(host_plan, python=f"{host_plan.venv_dir}/bin/python")
-    return venv
+    return vllm.host_model(plan, host_plan) if with_model else None
 
 
 def _warn_tight_fits(host_plan: HostPlan) -> None:
@@ -48,13 +59,24 @@ def _monitoring(plan: FleetPlan) -> None:
 def onboard(plan: FleetPlan):
     """`deploys/gpu.py`: make a host's GPUs ready and proven, without serving anything yet."""
     host_plan = plan.host(host.name)
-    if host_plan is not None:
-        _onboard(host_plan)
+    if host_plan is None or _driver_ready(host_plan):
+        _installed(plan, host_plan, with_model=False)
+
+
+@deploy("Install")
+def install(plan: FleetPlan):
+    """`deploys/install.py`: what `serve` installs, without serving: the host firewall, the artifact
+    cache, each host's release venv and its staged model; no unit is started."""
+    host_plan = plan.host(host.name)
+    if host_plan is None or _driver_ready(host_plan):
+        firewall.host_firewall(plan.firewall(host.name))
+        _installed(plan, host_plan, with_model=True)
 
 
 @deploy("vLLM fleet")
 def serve(plan: FleetPlan):
-    """Onboarding where the host has instances, the host firewall, new instances, nginx where it is a load balancer,
+    """The driver where the host has GPUs, the host firewall, the artifact cache, the release and the
+    model where the host has instances, new instances, nginx where it is a load balancer,
     then the rolling update of changed instances across the fleet, instances no longer listed
     stopped once nginx has forgotten them, the smoke test and the fleet's release report."""
     host_plan = plan.host(host.name)
@@ -65,13 +87,14 @@ def serve(plan: FleetPlan):
         nginx.edge_packages(host.data.dict(), plan.provider(host.name))
     if host_plan is not None:
         _warn_tight_fits(host_plan)
-        if _onboard(host_plan) is None:
+        if not _driver_ready(host_plan):
             return
-    # After the onboarding gates, which stop a host that cannot serve (no GPU: maybe not the host
-    # meant) before any change; before anything on the host listens.
+    # After the driver's gates, which stop a host that cannot serve (no GPU: maybe not the host
+    # meant) before any change; before anything on the host listens (the artifact cache first).
     firewall.host_firewall(plan.firewall(host.name))
+    model_op = _installed(plan, host_plan, with_model=True)
     if host_plan is not None:
-        env_texts = vllm.vllm_host(host_plan, run, secrets.fleet_key(plan.secrets_dir, "internal").reveal())
+        env_texts = vllm.vllm_host(host_plan, run, secrets.fleet_key(plan.secrets_dir, "internal").reveal(), model_op)
     if host.name in plan.lb_hosts:
         nginx.load_balancer(plan, host.data.dict())
     rollout.rolling_update(run, env_texts, host.data.dict(), env_dir=paths.ENV_DIR, probe=paths.FLEET_PROBE_PATH)

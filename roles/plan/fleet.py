@@ -15,9 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from roles.common import endpoint, sha256_file
+from roles.common import ArtifactFile, endpoint, sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import alerts, consistency, dashboard, setting_checks, settings, status
+from roles.plan import alerts, artifacts, consistency, dashboard, setting_checks, settings, status
+from roles.plan.artifacts import CACHE_GROUP, CachePlan
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
 from roles.plan.fallback import Provider, plan_provider
@@ -52,7 +53,7 @@ class Model:
 
     served_name: str
     local_path: Path | None = None
-    files: tuple[tuple[str, str], ...] = ()  # (relative path, sha256) of a local directory
+    files: tuple[ArtifactFile, ...] = ()  # a local directory's files, with their sizes and sha256
     model_id: str | None = None
     revision: str | None = None
 
@@ -61,18 +62,18 @@ class Model:
         """Identifies the exact weights: the checksum list of a local model, or the hub revision."""
         if self.local_path is None:
             return self.revision or ""
-        return hashlib.sha256(self.checksum_file().encode()).hexdigest()
+        return hashlib.sha256("".join(f"{f.sha256}  {f.path}\n" for f in self.files).encode()).hexdigest()
 
-    def checksum_file(self) -> str:
-        """The ``sha256sum -c`` input that proves a pushed copy is intact."""
-        return "".join(f"{sha}  {rel}\n" for rel, sha in self.files)
+    @property
+    def dirname(self) -> str:
+        """The model's folder on hosts and in the artifact cache; keyed by content, so a new
+        revision never overwrites the one instances may still run."""
+        if self.local_path is None:
+            return f"{self.model_id.replace('/', '--')}-{self.digest[:12]}"
+        return f"{self.local_path.name}-{self.digest[:12]}"
 
     def host_dir(self, data_dir: str) -> str:
-        """Where the weights live on a host; keyed by content so a new revision never overwrites."""
-        if self.local_path is None:
-            repo = "models--" + self.model_id.replace("/", "--")
-            return f"{data_dir}/hf/hub/{repo}/snapshots/{self.revision}"
-        return f"{data_dir}/models/{self.local_path.name}-{self.digest[:12]}"
+        return f"{data_dir}/models/{self.dirname}"
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class FleetPlan:
     monitoring: MonitorPlan | None = None
     # Where Grafana runs, when the inventory has a grafana group.
     grafana: GrafanaPlan | None = None
+    # The artifact cache every host pulls wheels and models from; None when none needs it.
+    cache: CachePlan | None = None
 
     @property
     def upstreams(self) -> list[str]:
@@ -164,9 +167,9 @@ class FleetPlan:
 # ---- models ---------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=8)
-def _checksums(path: Path, stamp: tuple) -> tuple[tuple[str, str], ...]:
+def _checksums(path: Path, stamp: tuple) -> tuple[ArtifactFile, ...]:
     # ``stamp`` (sizes and mtimes) keys the cache: a deploy file runs once per host.
-    return tuple((f.relative_to(path).as_posix(), sha256_file(f))
+    return tuple(ArtifactFile(f.relative_to(path).as_posix(), f.stat().st_size, sha256=sha256_file(f))
                  for f in sorted(p for p in path.rglob("*") if p.is_file()))
 
 
@@ -382,26 +385,41 @@ def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None
             f"({', '.join(plan.lb_hosts)}): their instances could not be taken out of nginx before a restart.",
             f"add the load balancer group, e.g. `--limit {instance_hosts[0]} --limit {LB_GROUP}`; instances restart "
             "only where their release or configuration changed, so the others are not touched.")
+    artifacts.check_cache_in_run(plan, in_run)
 
 
 @lru_cache(maxsize=4)
-def plan_inventory(inventory, with_edge: bool = True) -> FleetPlan:
+def plan_inventory(inventory, with_edge: bool = True, with_cache: bool = True) -> FleetPlan:
     """The plan for a pyinfra inventory (cached: a deploy file runs once per host). Every host's
     settings are checked, whatever its groups: a misspelt setting on a host that is only a load
     balancer is refused like one on a vLLM host. ``with_edge``: the edge's secrets are read and
-    checked too (a deploy); without, only capacity is planned."""
+    checked too (a deploy); ``with_cache``: the artifact cache is planned (anything that installs:
+    a deploy, GPU onboarding); with neither, only capacity is planned."""
     for host in inventory:
         setting_checks.check_host_data(host.name, host.data.dict())
     vllm_hosts = inventory.get_group(VLLM_GROUP, default=[])
     lb_hosts = inventory.get_group(LB_GROUP, default=[])
     plan = plan_fleet(((h.name, h.data.dict()) for h in vllm_hosts), (h.name for h in lb_hosts),
                       base_dir=Path.cwd())
+    if with_cache:
+        plan = with_artifact_cache(plan, [(h.name, h.data.dict()) for h in inventory],
+                                    [h.name for h in inventory.get_group(CACHE_GROUP, default=[])])
     if not with_edge:
         return plan
     return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
                                    [(h.name, h.data.dict()) for h in inventory], Path.cwd(),
                                    [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])],
                                    [h.name for h in inventory.get_group(GRAFANA_GROUP, default=[])])
+
+
+def with_artifact_cache(plan: FleetPlan, hosts: list[tuple[str, Mapping[str, Any]]],
+                        cache_group: Iterable[str]) -> FleetPlan:
+    """``plan`` with its artifact cache, where any host pulls from one. ``hosts``: (name, data) of
+    every host of the inventory; ``cache_group``: the names in the ``cache`` group."""
+    artifacts.check_hub_download(plan)
+    if not artifacts.needs_cache(plan):
+        return plan
+    return replace(plan, cache=artifacts.plan_cache(plan, hosts, tuple(cache_group)))
 
 
 def check_monitored_metrics(plan: FleetPlan, monitor_data: Mapping[str, Any], base_dir: Path) -> None:

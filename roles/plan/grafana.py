@@ -56,7 +56,7 @@ def plan_grafana(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, Any]]
                 f"holds {name}, which is not in the `monitor` group: Grafana's datasource is the Prometheus on its "
                 f"own host's loopback ({monitoring.PROMETHEUS_ADDRESS}), and only monitor hosts run Prometheus.",
                 f"put {name} in the `monitor` group too, or take it out of `{GRAFANA_GROUP}`.")
-        check_grafana_host(name, data_of[name], _taken_ports(fleet, name, data_of[name]))
+        check_grafana_host(name, data_of[name], monitoring.taken_ports(fleet, name, data_of[name]))
     return GrafanaPlan(hosts=names)
 
 
@@ -105,21 +105,6 @@ def _check_reach(where: str, data: Mapping[str, Any]) -> None:
                                f"is {address}, off loopback, and firewall_enabled is false: nothing would keep "
                                "Grafana to grafana_allow_from.",
                                "set firewall_enabled to true, or keep grafana_listen_address at 127.0.0.1.")
-
-
-def _taken_ports(fleet: FleetPlan, name: str, data: Mapping[str, Any]) -> dict[int, str]:
-    """The TCP ports other services of the fleet listen on on host ``name`` (a monitor host)."""
-    taken = {monitoring.NODE_EXPORTER_PORT: "the node exporter",
-             int(monitoring.PROMETHEUS_ADDRESS.rsplit(":", 1)[1]): "Prometheus",
-             int(monitoring.ALERTMANAGER_ADDRESS.rsplit(":", 1)[1]): "Alertmanager"}
-    host_plan = fleet.host(name)
-    taken.update({i.port: f"instance {i.name}" for i in (host_plan.instances if host_plan else ())})
-    if name in fleet.lb_hosts:
-        taken.update({monitoring.NGINX_EXPORTER_PORT: "the nginx exporter",
-                      monitoring.STUB_STATUS_PORT: "nginx's stub_status"})
-        taken.update({settings.value(data, s): f"nginx ({s})" for s in ("nginx_listen_port", "nginx_http_redirect_port")
-                      if settings.value(data, s) is not None})
-    return taken
 
 
 def grafana_ini(data: Mapping[str, Any]) -> str:

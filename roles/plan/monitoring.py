@@ -91,3 +91,21 @@ def alertmanager_config(data: Mapping[str, Any]) -> str:
     }
     return "# Managed by vllm-fleet (roles/monitor.py), rendered from the inventory.\n" + \
         yaml.safe_dump(config, sort_keys=False)
+
+
+def taken_ports(fleet: FleetPlan, name: str, data: Mapping[str, Any]) -> dict[int, str]:
+    """The TCP ports the fleet's services listen on on host ``name``: exporters, Prometheus and
+    Alertmanager (on monitor hosts), instances, nginx, the artifact cache."""
+    taken = {NODE_EXPORTER_PORT: "the node exporter",
+             int(PROMETHEUS_ADDRESS.rsplit(":", 1)[1]): "Prometheus",
+             int(ALERTMANAGER_ADDRESS.rsplit(":", 1)[1]): "Alertmanager"}
+    host_plan = fleet.host(name)
+    taken.update({i.port: f"instance {i.name}" for i in (host_plan.instances if host_plan else ())})
+    if name in fleet.lb_hosts:
+        taken.update({NGINX_EXPORTER_PORT: "the nginx exporter",
+                      STUB_STATUS_PORT: "nginx's stub_status"})
+        taken.update({settings.value(data, s): f"nginx ({s})" for s in ("nginx_listen_port", "nginx_http_redirect_port")
+                      if settings.value(data, s) is not None})
+    if fleet.cache is not None and fleet.cache.host == name:
+        taken[fleet.cache.port] = "the artifact cache (cache_port)"
+    return taken

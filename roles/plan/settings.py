@@ -1,7 +1,8 @@
 """Every user-facing setting of vllm-fleet, declared once: name, type, default, one line of doc.
 
 Settings live in pyinfra host or group data. Each is prefixed by the role that reads it
-(``vllm_``, ``nginx_``, ``nvidia_``, ``firewall_``, ``monitor_``, ``grafana_``). Settings marked ``per_instance`` may also be given, without the
+(``vllm_``, ``nginx_``, ``nvidia_``, ``firewall_``, ``monitor_``, ``grafana_``, ``cache_``). Settings marked
+``per_instance`` may also be given, without the
 prefix, inside one entry of ``vllm_instances`` to override the host's value for that
 instance. ``vllm-fleet settings`` prints this table; ``roles.plan.setting_checks`` refuses what
 it does not allow (an undeclared role-prefixed key among them).
@@ -42,7 +43,7 @@ from roles.plan.forms import (
 )
 
 # Roles whose settings are validated; data keys with other prefixes belong to pyinfra or users.
-ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_", "monitor_", "grafana_")
+ROLE_PREFIXES = ("vllm_", "nginx_", "nvidia_", "firewall_", "monitor_", "grafana_", "cache_")
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Hardware the instances run on; must match the release's accelerator.",
             choices=("cpu", "nvidia")),
     Setting("vllm_model_path", str, None,
-            "Model directory on the control node; pushed to hosts and checked against its checksums."),
+            "Model directory on the control node; sent once to the artifact cache, which every host pulls it from "
+            "and checks against its checksums."),
     Setting("vllm_model_id", str, None,
-            "Hugging Face model id, downloaded on the host (alternative to vllm_model_path).", form=HF_REPO_ID),
+            "Hugging Face model id (alternative to vllm_model_path), downloaded once as vllm_hub_download says and "
+            "checked against the revision's published sizes and sha256.", form=HF_REPO_ID),
     Setting("vllm_model_revision", str, None,
             "Commit hash (40 hex digits) that vllm_model_id is pinned to; required with it.", form=COMMIT),
     Setting("vllm_served_model_name", str, None,
@@ -100,6 +103,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_instances", list, None,
             "Instances on this host: a list of {name, port, <per-instance overrides>} (required); name: "
             "lower-case letters, digits and '-'; port: 1024 to 65535 (instances run unprivileged)."),
+    Setting("vllm_hub_download", str, "cache",
+            "Where a hub model is downloaded: cache (once, on the artifact cache host; every host pulls it from "
+            "there), control (once, on the control node, then sent to the cache), or hosts (every host from "
+            "vllm_hf_endpoint, e.g. your Hub mirror; nothing goes through the cache).",
+            choices=("cache", "control", "hosts")),
+    Setting("vllm_hf_endpoint", str, None,
+            "The Hugging Face Hub, or your mirror or proxy of it, that hub models come from; unset: the control "
+            "node's HF_ENDPOINT, else huggingface_hub's own default. A gated model's token: hub.token in "
+            "nginx_secrets_dir (`vllm-fleet keys hub`).", form=URL),
     Setting("vllm_model_config", str, None,
             "config.json (or its folder) on the control node for a hub model; unset: "
             "inventories/model_configs/<org>--<name>/, then the control node's Hugging Face cache."),
@@ -287,6 +299,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nginx_dead_peer_timeout", int, 30,
             "Seconds after which a connection to an instance that no longer answers even TCP keepalive probes (a "
             "host cut off) is dropped: its request fails, and the instance gets no new one.", minimum=6, maximum=600),
+    # --- artifact cache (roles/cache.py; the `cache` group, else the first load balancer) -----------------
+    Setting("cache_port", int, 8480,
+            "Port the artifact cache (nginx on the cache host, at its vllm_advertise_address) serves release wheels "
+            "and models on, to cache_allow_from alone.", minimum=1, maximum=65535),
+    Setting("cache_dir", str, "/var/lib/vllm-fleet/cache",
+            "Where the cache host keeps every wheel and model the control node sent it (once each).",
+            form=ABSOLUTE_PATH),
+    Setting("cache_allow_from", list, [],
+            "Addresses or networks that may fetch from the cache (nginx and the host firewall let in no one else); "
+            "unset: every host of the inventory, by its address, which must then be an IP.",
+            item=str, form=IP_NETWORK),
     # --- host firewall (roles/firewall.py) ---------------------------------------------------------------
     Setting("firewall_enabled", bool, True,
             "Filter incoming traffic with nftables: SSH, the edge's ports on load balancers, instance ports from "

@@ -42,13 +42,18 @@ class Engine:
 
 @dataclass(frozen=True)
 class Index:
-    """Where pip looks for packages when locking and downloading (never on hosts)."""
+    """Where pip looks for packages when locking and downloading on the control node, and where hosts
+    install from when the operator's own index serves them."""
 
     index_url: str | None = field(
         default=None, metadata={"doc": "main package index; null uses the control node's pip configuration"})
     extra_index_urls: tuple[str, ...] = field(
         default=(), metadata={"doc": "further indexes, e.g. one with CPU builds of torch"})
     find_links: tuple[str, ...] = field(default=(), metadata={"doc": "local folders or pages of wheels"})
+    host_index_url: str | None = field(default=None, metadata={
+        "doc": "your package index (a PyPI mirror or proxy) as the hosts reach it: set, hosts install the lock from it "
+               "with its hashes and nothing is pushed; null: hosts pull the lock's wheels from the fleet's artifact "
+               "cache"})
 
 
 @dataclass(frozen=True)
@@ -200,11 +205,27 @@ def load_release(name: str, releases_dir: Path) -> Release:
     index_url = index_data.get("index_url")
     index = Index(index_url=None if index_url is None else _string(index_url, "index.index_url", path),
                   extra_index_urls=_strings(index_data.get("extra_index_urls"), "index.extra_index_urls", path),
-                  find_links=_strings(index_data.get("find_links"), "index.find_links", path))
+                  find_links=_strings(index_data.get("find_links"), "index.find_links", path),
+                  host_index_url=_host_index_url(index_data.get("host_index_url"), path))
 
     return Release(name=release_name, accelerator=accelerator, engine=engine, python=python,
                    packages=packages, exclude=exclude, index=index,
                    driver=_driver(data.get("driver"), accelerator, path))
+
+
+_URL_RE = re.compile(r"https?://[A-Za-z0-9._~%+,=@:/-]+")
+
+
+def _host_index_url(value: Any, path: Path) -> str | None:
+    """The index hosts install from: an http(s) URL that goes verbatim into a shell command."""
+    if value is None:
+        return None
+    url = _string(value, "index.host_index_url", path)
+    if not _URL_RE.fullmatch(url):
+        raise FleetConfigError(f"index.host_index_url in {path}", f"{url!r} is not an http or https URL of letters, "
+                               "digits and ._~%+,=@:/-.", "write the index's simple API URL, e.g. "
+                               "https://pypi.example.internal/simple, or null for the fleet's artifact cache.")
+    return url
 
 
 _DRIVER_VERSION_RE = re.compile(r"(\d+)\.\d+(\.\d+)?")

@@ -1,20 +1,19 @@
-"""The wheelhouse: every wheel of a lock downloaded once on the control node, checked against its
-hash and tarred for pushing, so hosts install with ``--no-index`` and never reach a registry."""
+"""The wheelhouse: every wheel of a lock downloaded once on the control node and checked against its
+hash, from which the fleet's artifact cache is sent what it lacks; hosts install with ``--no-index``
+and never reach a registry."""
 
 from __future__ import annotations
 
 import platform
-import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-from roles.common import sha256_file
+from roles.common import ArtifactFile, sha256_file
 from roles.errors import FleetConfigError
 from roles.release.lock import LOCK_LINE_RE, Lock, index_args
 from roles.release.manifest import load_release
@@ -25,17 +24,26 @@ WHEELHOUSE_CACHE = Path("~/.cache/vllm-fleet/wheelhouse").expanduser()
 
 
 
-def _verified_wheels(lock: Lock, folder: Path) -> list[Path]:
-    """The wheel file for each lock line, checked against its hash; an error names what is off."""
-    wanted = {}
-    for line in lock.requirements:
-        match = LOCK_LINE_RE.fullmatch(line)
-        wanted[(canonicalize_name(match["name"]), Version(match["version"]))] = match["sha256"]
+def _locked_hashes(lock: Lock) -> dict[tuple[str, Version], str]:
+    """(name, version) -> sha256 of each lock line."""
+    matches = (LOCK_LINE_RE.fullmatch(line) for line in lock.requirements)
+    return {(canonicalize_name(m["name"]), Version(m["version"])): m["sha256"] for m in matches}
+
+
+def _wheels_of(lock: Lock, folder: Path) -> dict[tuple[str, Version], Path]:
+    """The wheel file in ``folder`` of each lock line there is one for."""
+    wanted = _locked_hashes(lock)
     found = {}
     for wheel in folder.glob("*.whl"):
         name, version, _, _ = parse_wheel_filename(wheel.name)
         if (name, version) in wanted:
             found[(name, version)] = wheel
+    return found
+
+
+def _verified_wheels(lock: Lock, folder: Path) -> list[Path]:
+    """The wheel file for each lock line, checked against its hash; an error names what is off."""
+    wanted, found = _locked_hashes(lock), _wheels_of(lock, folder)
     missing = sorted(f"{n}=={v}" for n, v in wanted.keys() - found.keys())
     corrupt = sorted(p.name for key, p in found.items() if sha256_file(p) != wanted[key])
     if missing or corrupt:
@@ -44,17 +52,10 @@ def _verified_wheels(lock: Lock, folder: Path) -> list[Path]:
     return sorted(found.values())
 
 
-def _reset_tarinfo(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    # The same lock gives the same tar bytes, whoever built it and when.
-    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-    return info
-
-
 def build_wheelhouse(lock: Lock, cache_root: Path = WHEELHOUSE_CACHE) -> Path:
     """Download and verify every wheel of ``lock`` into ``<cache_root>/<digest[:16]>/``.
 
-    The folder also holds the lock itself and ``wheels.tar`` (the lock and all wheels, uncompressed:
-    wheels are already zip files) for pushing to hosts, and ``COMPLETE`` once all of it is done.
+    ``COMPLETE`` marks a folder whose every wheel was checked; the artifact cache is sent from it.
     """
     folder = cache_root / lock.digest[:16]
     if (folder / "COMPLETE").exists():
@@ -76,13 +77,17 @@ def build_wheelhouse(lock: Lock, cache_root: Path = WHEELHOUSE_CACHE) -> Path:
                     "-r", str(lock.path), "-d", str(folder)], check=True)
     wheels = _verified_wheels(lock, folder)
     size_mb = sum(w.stat().st_size for w in wheels) / 1e6
-    print(f"release: {len(wheels)} wheels verified, {size_mb:.0f} MB in {time.monotonic() - started:.0f} s;"
-          f" writing wheels.tar ...", flush=True)
-    host_lock = folder / lock.path.name
-    shutil.copyfile(lock.path, host_lock)
-    with tarfile.open(folder / "wheels.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        for member in [host_lock, *wheels]:
-            tar.add(member, arcname=member.name, filter=_reset_tarinfo)
+    print(f"release: {len(wheels)} wheels verified, {size_mb:.0f} MB in {time.monotonic() - started:.0f} s",
+          flush=True)
     # Written last: a folder without it is an interrupted build and is resumed, never used.
     (folder / "COMPLETE").write_text(lock.digest + "\n")
     return folder
+
+
+def wheel_files(lock: Lock) -> tuple[ArtifactFile, ...]:
+    """Every wheel of ``lock`` as hosts fetch it (file name, size, the lock's sha256), from its
+    wheelhouse, downloaded first if need be (verified then: the folder's COMPLETE says so)."""
+    folder = build_wheelhouse(lock)
+    wanted = _locked_hashes(lock)
+    return tuple(sorted((ArtifactFile(path.name, path.stat().st_size, sha256=wanted[key])
+                         for key, path in _wheels_of(lock, folder).items()), key=lambda f: f.path))

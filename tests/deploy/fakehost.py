@@ -32,7 +32,7 @@ from pyinfra.context import ctx_host, ctx_state
 
 from roles import secrets
 from roles.plan import setting_checks
-from roles.plan.fleet import REPO_ROOT, FleetPlan, plan_fleet, with_edge_and_firewalls
+from roles.plan.fleet import REPO_ROOT, FleetPlan, plan_fleet, with_artifact_cache, with_edge_and_firewalls
 from tests.deploy.simhost import SimulatedHost
 
 
@@ -144,8 +144,10 @@ def session_secrets_dir() -> Path:
 
 def fleet_plan(hosts: Iterable[tuple[str, Mapping]], lb_hosts: Iterable[str | tuple[str, Mapping]],
                secrets_dir: Path | None = None, base_dir: Path = REPO_ROOT,
-               monitor_hosts: Iterable[str] = (), grafana_hosts: Iterable[str] = ()) -> FleetPlan:
-    """The plan a deploy runs on, as ``plan_inventory`` makes it: ``plan_fleet``, then the edge,
+               monitor_hosts: Iterable[str] = (), grafana_hosts: Iterable[str] = (),
+               cache_hosts: Iterable[str] = ()) -> FleetPlan:
+    """The plan a deploy runs on, as ``plan_inventory`` makes it: ``plan_fleet``, the artifact cache
+    (``with_artifact_cache``: the ``cache`` group's host, by default the first load balancer), then the edge,
     the monitoring and every host's firewall (``with_edge_and_firewalls``).
 
     ``hosts``: (name, data) of the vLLM hosts. ``lb_hosts``: the load balancers, by name where
@@ -168,4 +170,5 @@ def fleet_plan(hosts: Iterable[tuple[str, Mapping]], lb_hosts: Iterable[str | tu
         setting_checks.check_host_data(name, data)
     everyone = [(name, lb_data.get(name, data)) for name, data in hosts] + \
         [(name, data) for name, data in lbs if name not in data_of]
+    plan = with_artifact_cache(plan, everyone, cache_hosts)
     return with_edge_and_firewalls(plan, lbs, everyone, base_dir, monitor_hosts, grafana_hosts)

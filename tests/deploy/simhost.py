@@ -36,11 +36,12 @@ from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from roles import facts, firewall, paths
 from tests.deploy.package_effects import PACKAGE_EFFECTS
 from tests.deploy.probe_args import probe_args
+from tests.deploy.sim_artifacts import ArtifactCommands, ArtifactState, shell_parts
 
 UNIT_DIR = "/etc/systemd/system"
 
 
-class SimulatedHost:
+class SimulatedHost(ArtifactCommands):
     """A host's state, read by facts through what their commands would print, and updated by
     the commands a deploy runs on it.
 
@@ -84,6 +85,7 @@ class SimulatedHost:
         self.provider_probes: list[list[str]] = []  # the provider probes run, their argv
         self.loaded_units: dict[str, str] = {}  # unit file -> its sha1 when systemd last loaded it
         self.oneshots: list[str] = []  # oneshot services run (started, then done), in order
+        self.artifacts = ArtifactState()  # fetches and checks of roles/files/artifacts.py
 
     @staticmethod
     def _user(home, shell, group):
@@ -137,6 +139,7 @@ class SimulatedHost:
                                                    for line in f["lines"] if line.startswith("ENGINE_ARGS=")],
             firewall.FirewallTable: lambda: ["loaded"] if self.table else [],
             firewall.SshPorts: lambda: self.sshd,
+            facts.FileSizes: self.file_sizes,
         }
 
     def _os_release(self) -> list[str]:
@@ -215,6 +218,8 @@ class SimulatedHost:
             assert key is not None and key["mode"] == 600, f"the provider probe reads no root-only key: {argv}"
             self.provider_probes.append(argv)
             return json.dumps(self.provider)
+        if argv[:3] == ["python3", paths.ARTIFACTS_PATH, "unlisted"]:
+            return self.unlisted(argv)
         if argv[:3] == ["python3", paths.FLEET_PROBE_PATH, "smoke"]:
             self._smoke(argv)
             return json.dumps({"ok": self.smoke_ok, "results": [{"check": "x", "ok": self.smoke_ok}]})
@@ -240,8 +245,8 @@ class SimulatedHost:
         if isinstance(command, FileUploadCommand):
             self._upload(command)
         elif isinstance(command, StringCommand):
-            for part in command.get_raw_value().split(" && "):
-                self._shell(shlex.split(part))
+            for argv in shell_parts(command.get_raw_value()):
+                self._shell(argv)
 
     def run(self, command: str) -> tuple[bool, CommandOutput]:
         """What a command run by a Python callback (the rollout's switch) prints."""
@@ -285,6 +290,8 @@ class SimulatedHost:
         if not argv:
             return
         cmd, args = argv[0], argv[1:]
+        if not (cmd == "mv" and args[-2] in self.links) and self.artifact_shell(argv):
+            return
         if cmd == "mkdir":
             for a in args:
                 if not a.startswith("-"):
@@ -467,7 +474,7 @@ class GpuState:
 
 def _file(data: bytes, mode: int = 644, user: str = "root", **extra) -> dict:
     return {"sha1": hashlib.sha1(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest(), "mode": mode,
-            "user": user, "lines": data.decode(errors="replace").splitlines(), **extra}
+            "user": user, "size": len(data), "lines": data.decode(errors="replace").splitlines(), **extra}
 
 
 def _written(lines: list[str], **extra) -> dict:

@@ -38,12 +38,30 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
     assert f"{python}-venv" in install
     assert any("install" in c and "nginx" in c for c in run)
     venv = next(c for c in run if "-m venv" in c)
-    assert venv.startswith(f"{python} -m venv --clear /opt/vllm-fleet/venvs/")
+    assert venv.startswith(f"{{ {python} -m venv --clear /opt/vllm-fleet/venvs/")
     assert "--no-index" in venv and "--require-hashes" in venv and "--no-deps" in venv
+    assert "--find-links /opt/vllm-fleet/wheels" in venv and venv.endswith("exit 1; }")
     # The release link is switched by a rename: never missing, even for an instant.
-    assert f"ln -sfn {venv.split()[4]} /opt/vllm-fleet/current.new && mv -T /opt/vllm-fleet/current.new " \
+    assert f"ln -sfn {venv.split()[5]} /opt/vllm-fleet/current.new && mv -T /opt/vllm-fleet/current.new " \
            "/opt/vllm-fleet/current" in run
-    assert "sha256sum --check" in text
+    # The artifact cache (this host: the only load balancer) is sent the wheels and the model, checks
+    # them, serves them; the host pulls both from it, every byte checked, before the venv is built.
+    cache_conf = run.index("upload <generated> -> /etc/nginx/conf.d/vllm-fleet-cache.conf")
+    pushed = run.index("python3 /usr/local/lib/vllm-fleet/artifacts.py verify --manifest "
+                       "/var/lib/vllm-fleet/cache/incoming/wheels-a510f00f29333c2a.json --dir "
+                       "/var/lib/vllm-fleet/cache/incoming/wheels-a510f00f29333c2a || { rm -rf "
+                       "/var/lib/vllm-fleet/cache/incoming/wheels-a510f00f29333c2a "
+                       "/var/lib/vllm-fleet/cache/incoming/wheels-a510f00f29333c2a.json; exit 1; }")
+    pulled = next(i for i, c in enumerate(run) if c.startswith("python3 /usr/local/lib/vllm-fleet/artifacts.py fetch "
+                                                               "--base-url http://10.9.0.11:8480/wheels/"))
+    model = next(i for i, c in enumerate(run) if c.startswith("python3 /usr/local/lib/vllm-fleet/artifacts.py fetch "
+                                                              "--base-url http://10.9.0.11:8480/models/tiny-"))
+    assert cache_conf < pushed < pulled < run.index(venv) < model
+    assert [(f.base_url, f.dest) for f in sim.artifacts.fetches] == [
+        ("http://10.9.0.11:8480/wheels/", "/opt/vllm-fleet/wheels"),
+        (run[model].split()[4], sim.artifacts.fetches[1].dest)]
+    assert sim.files["/var/lib/vllm-fleet/cache/wheels/torch-2.13.0+cpu-cp311-cp311-linux.whl"]
+    assert sim.artifacts.fetches[1].dest.endswith(".partial") and not any(f.token for f in sim.artifacts.fetches)
     assert "upload <generated> -> /etc/systemd/system/vllm@.service" in text
     assert "upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf" in text
     assert "nginx -t -q" in run
@@ -59,13 +77,12 @@ def test_fresh_host_gets_the_whole_stack_in_order(host_data, distro, python):
         ("python3 /usr/local/lib/vllm-fleet/fleet_probe.py wait --unit vllm@b --address 10.9.0.11 --port 8002 "
          "--timeout 900"),
     ]
-    assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/current"] == venv.split()[4]
+    assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/current"] == venv.split()[5]
     assert run.index("systemctl enable --now vllm@b") < run.index("upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf")
     # nginx is reloaded only after its configuration passed nginx -t.
     assert run.index("nginx -t -q") < run.index("systemctl reload nginx.service")
-    # The firewall comes first: nothing listens before it filters.
-    assert run.index("systemctl reload-or-restart vllm-fleet-firewall.service") < \
-        run.index("systemctl enable --now vllm@a")
+    # The firewall comes first: nothing listens before it filters (the cache is the first to).
+    assert run.index("systemctl reload-or-restart vllm-fleet-firewall.service") < cache_conf
     # Instances listen where the load balancer reaches them, and require the fleet's internal key.
     env = sim.files["/etc/vllm-fleet/instances/a.env"]
     assert env["mode"] == 600 and "--host 10.9.0.11 " in env["lines"][1]
@@ -147,24 +164,6 @@ def test_failing_smoke_test_fails_the_deploy_with_the_report(host_data):
                               "--model tiny --report"]
 
 
-def test_hub_model_is_downloaded_on_the_host_at_its_revision_once(host_data):
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision=revision,
-                     vllm_model_config=str(TINY_CONFIG))
-    fleet = fleet_plan([("h1", data)], ["h1"])
-    sim = SimulatedHost(ubuntu(22, 4))
-    first = deploy(fleet, "h1", data, sim)
-    stage = next(op for op in first if op.name.endswith("Model tiny"))
-    # The id and revision are arguments of the download, never part of its Python source.
-    assert any("snapshot_download(sys.argv[1], revision=sys.argv[2])' acme/chat-7b "
-               "0123456789abcdef0123456789abcdef01234567" in c
-               and "sudo -u vllm env HF_HOME=/var/lib/vllm-fleet/hf" in c for c in stage.commands)
-    # The unit reads that snapshot offline, by path.
-    snapshot = f"/var/lib/vllm-fleet/hf/hub/models--acme--chat-7b/snapshots/{revision}"
-    assert sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1].startswith(f'ENGINE_ARGS="--model {snapshot} ')
-    assert changed(deploy(fleet, "h1", data, sim)) == []
-
-
 def test_hub_model_without_a_local_config_is_refused(host_data):
     data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b",
                      vllm_model_revision="0123456789abcdef0123456789abcdef01234567")
@@ -198,7 +197,8 @@ def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data)
     # b's port is no longer open to the load balancer.
     rules = [line.strip() for line in sim.files["/etc/vllm-fleet/firewall.nft"]["lines"]]
     assert [r for r in rules if "tcp dport" in r and "saddr" in r] == [
-        'ip saddr { 10.9.0.11 } tcp dport { 8001 } accept comment "instance ports: allowed sources only (IPv4)"']
+        'ip saddr { 10.9.0.11 } tcp dport { 8001 } accept comment "instance ports: allowed sources only (IPv4)"',
+        'ip saddr { 10.9.0.11 } tcp dport 8480 accept comment "artifact cache: the fleet\'s hosts only (IPv4)"']
     assert "/etc/vllm-fleet/instances/b.env" not in sim.files
     assert changed(deploy(fleet_plan([("h1", fewer)], ["h1"]), "h1", fewer, sim)) == []
 
@@ -227,7 +227,7 @@ def test_rollback_reuses_the_kept_release_and_old_ones_are_removed(host_data):
     fleet = dataclasses.replace(fleet_plan([("h1", data)], ["h1"]), hosts=(back,))
     sim.restarts.clear()
     run = commands(deploy(fleet, "h1", data, sim))
-    assert not any("wheels.tar" in c or "-m venv" in c for c in run)
+    assert not any("artifacts.py fetch" in c or "-m venv" in c for c in run)
     assert sim.links["/opt/vllm-fleet/current"] == venvs[1]
     assert sim.links["/opt/vllm-fleet/instances/a"] == sim.links["/opt/vllm-fleet/instances/b"] == venvs[1]
     assert sim.restarts == ["a", "b"]

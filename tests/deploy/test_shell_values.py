@@ -5,11 +5,13 @@ where the plan would have refused it: quoting is the second line of defence."""
 
 import dataclasses
 import shlex
+from unittest import mock
 
 import pytest
 from pyinfra.api import StringCommand
 
 from roles import site
+from roles.common import ArtifactFile
 from roles.errors import FleetConfigError
 from roles.plan import settings
 from roles.plan.fleet import plan_fleet
@@ -94,7 +96,8 @@ def test_values_that_reach_commands_are_refused_by_the_plan(host_data):
     for name in ("vllm_install_dir", "vllm_data_dir", "vllm_user", "vllm_python", "vllm_model_id",
                  "vllm_model_revision", "vllm_served_model_name", "nvidia_repo_url", "nvidia_repo_key",
                  "nvidia_repo_key_fingerprint", "grafana_repo_url", "grafana_repo_suite", "grafana_repo_key",
-                 "grafana_repo_key_fingerprint", "grafana_version", "grafana_listen_address", "grafana_admin_user"):
+                 "grafana_repo_key_fingerprint", "grafana_version", "grafana_listen_address", "grafana_admin_user",
+                 "cache_dir", "vllm_hf_endpoint"):
         for bad in BAD:
             with pytest.raises(FleetConfigError) as err:
                 plan_fleet([("h1", host_data(**{name: bad}))], ["h1"])
@@ -119,8 +122,10 @@ def test_commands_quote_what_the_plan_would_refuse(host_data, name, template, va
 
 
 def test_hub_model_id_and_revision_reach_the_download_as_arguments(host_data):
+    """A hub model's id goes into the cache's download (its URL) and into the folder names on the
+    cache and the hosts: quoted data in every command, whatever the id holds."""
     data = host_data(vllm_model_path=None, vllm_model_id="acme/chat-7b", vllm_model_revision="0" * 40,
-                     vllm_model_config=str(TINY_CONFIG))
+                     vllm_model_config=str(TINY_CONFIG), vllm_hf_endpoint="https://hub.example.internal")
     fleet = fleet_plan([("h1", data)], ["h1"])
 
     def with_model(model_id, revision):
@@ -128,8 +133,11 @@ def test_hub_model_id_and_revision_reach_the_download_as_arguments(host_data):
         model = dataclasses.replace(host.model, model_id=model_id, revision=revision)
         return dataclasses.replace(fleet, hosts=(dataclasses.replace(host, model=model),))
 
-    plain = deploy_commands(with_model(f"acme/{MARKER}", "0" * 40), data)
-    odd = deploy_commands(with_model("acme/x'); import os; os.system('id'); ('$(id)", "0" * 40), data)
+    published = (ArtifactFile("config.json", 10, git_sha1="1" * 40),)
+    with mock.patch("roles.artifact_sources.snapshot_files", return_value=published):
+        plain = deploy_commands(with_model(f"acme/{MARKER}", "0" * 40), data)
+        odd = deploy_commands(with_model("acme/x'); import os; os.system('id'); ('$(id)", "0" * 40), data)
     assert_inert(plain, odd, "x'); import os; os.system('id'); ('$(id)")
-    download = next(c for c in odd if "snapshot_download" in c)
-    assert shlex.split(download)[-2:] == ["acme/x'); import os; os.system('id'); ('$(id)", "0" * 40]
+    download = next(c for c in odd if "/resolve/" in c)
+    assert shlex.split(download)[4] == \
+        f"https://hub.example.internal/acme/x'); import os; os.system('id'); ('$(id)/resolve/{'0' * 40}/"

@@ -193,3 +193,20 @@ def test_the_command_line_lists_keys_and_refuses_without_a_traceback(tmp_path):
     result = run("keys", "show", str(tmp_path / "nope"), "alice")
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"refused: {tmp_path / 'nope'}\n  problem: does not exist.")
+
+
+@pytest.mark.parametrize("action, file_name", [("hub", "hub.token"), ("fallback", "fallback.key")])
+def test_a_token_or_provider_key_is_read_from_stdin_into_a_private_file(tmp_path, action, file_name):
+    """`keys hub` and `keys fallback`: the secret comes on stdin (never argv) and lands 0600; it is
+    printed nowhere; one that an HTTP header could not carry is refused, naming the file."""
+    folder = tmp_path / "secrets"
+    token = "hf_" + "Q" * 34
+    stored = subprocess.run([str(VLLM_FLEET), "keys", action, str(folder)], input=f"{token}\n",
+                            capture_output=True, text=True)
+    assert stored.returncode == 0, stored.stderr
+    assert token not in stored.stdout + stored.stderr and f"wrote {folder / file_name}" in stored.stderr
+    assert (folder / file_name).read_text() == f"{token}\n" and mode(folder / file_name) == 0o600
+    bad = subprocess.run([str(VLLM_FLEET), "keys", action, str(folder)], input="two words\n",
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and f"refused: {folder / file_name}" in bad.stderr
+    assert "two words" not in bad.stderr

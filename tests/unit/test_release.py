@@ -217,11 +217,18 @@ def test_edited_lock_line_is_refused(tmp_path):
 def test_host_install_command_is_offline_and_marks_completion_last(tmp_path):
     _, path = _write_lock(tmp_path)
     lock = read_lock(path)
-    command = host_install_command(lock, "/opt/vllm fleet/venv", "/var/cache/wheels")
-    assert "--no-index --no-deps --require-hashes --find-links /var/cache/wheels" in command
-    assert "-r /var/cache/wheels/test-release.lock" in command
-    assert command.startswith("python3 -m venv --clear '/opt/vllm fleet/venv' && ")
-    assert command.endswith(f"printf '%s\\n' {lock.digest} > '/opt/vllm fleet/venv'/.lock-digest")
+    command = host_install_command(lock, "/opt/vllm fleet/venv", "/opt/vllm fleet/venv.lock",
+                                   ["--no-index", "--find-links", "/var/cache/wheels"], wheel_manifest="/w.json")
+    assert "--no-deps --require-hashes --no-index --find-links /var/cache/wheels" in command
+    assert "-r '/opt/vllm fleet/venv.lock'" in command
+    assert command.startswith("{ python3 -m venv --clear '/opt/vllm fleet/venv' && ")
+    # The marker of a complete install is written last; a failed install is removed, not left half-built.
+    assert command.endswith(f"cp /w.json '/opt/vllm fleet/venv'/.wheels.json && printf '%s\\n' test-release > "
+                            f"'/opt/vllm fleet/venv'/.release && printf '%s\\n' {lock.digest} > "
+                            "'/opt/vllm fleet/venv'/.lock-digest; } || { rm -rf '/opt/vllm fleet/venv'; exit 1; }")
+    from_index = host_install_command(lock, "/v", "/v.lock", ["--index-url", "https://pypi.example.internal/simple"])
+    assert "--require-hashes --index-url https://pypi.example.internal/simple -r /v.lock" in from_index
+    assert ".wheels.json" not in from_index
 
 
 def test_lock_refuses_a_torch_build_for_another_accelerator():
