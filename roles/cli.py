@@ -221,6 +221,10 @@ def list_keys(directory: Path) -> int:
 # ---- the lab --------------------------------------------------------------------------------------
 
 def lab(args) -> int:
+    if args.action == "deploy-cost":
+        from roles.lab import deploy_cost  # lab up/down and pyinfra as subprocesses, matplotlib
+
+        return deploy_cost.command(args)
     from roles.lab import control
 
     if args.action == "up" and args.hosts < 1:
@@ -324,31 +328,10 @@ def stream_chat(edge: LabEdge, prompt: str = "Say hello to the fleet.",
 
 
 def howto(args) -> int:
+    from roles.lab.howto import howto_text
+
     edge = lab_endpoint()
-    base_url, model, ca = edge.base_url, edge.model, edge.ca_file
-    print(f"""
-The lab fleet answers at {base_url} (nginx on lab1 in front of every vLLM instance), over TLS
-with a certificate of the lab fleet's own CA, to clients with a key. The model is a tiny
-random-weight Llama, so its words are noise; the plumbing is real.
-
-  export OPENAI_API_KEY=$(vllm-fleet keys show {lab_secrets()} {LAB_CLIENT})
-  curl -s --cacert {ca} {base_url}/models -H "Authorization: Bearer $OPENAI_API_KEY"
-  curl -s --cacert {ca} {base_url}/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
-       -H 'Content-Type: application/json' -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  curl -sN --cacert {ca} {base_url}/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\
-       -H 'Content-Type: application/json' \\
-       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'
-
-  import os, ssl
-  from openai import DefaultHttpxClient, OpenAI
-  client = OpenAI(base_url="{base_url}", api_key=os.environ["OPENAI_API_KEY"],
-                  http_client=DefaultHttpxClient(verify=ssl.create_default_context(cafile="{ca}")))
-  for chunk in client.chat.completions.create(model="{model}", stream=True,
-                                              messages=[{{"role": "user", "content": "Hi"}}]):
-      print(chunk.choices[0].delta.content or "", end="")
-
-More clients: `vllm-fleet keys add {lab_secrets()} NAME`, then deploy again (`make lab`).
-""")
+    print(howto_text(edge.base_url, edge.model, edge.ca_file, lab_secrets(), LAB_CLIENT))
     chunks, seconds, text = stream_chat(edge)
     print(f"OpenAI SDK, streamed through the load balancer: {chunks} chunks in {seconds:.2f}s: {text!r}")
     return 0 if chunks > 1 else 1
@@ -357,7 +340,6 @@ More clients: `vllm-fleet keys add {lab_secrets()} NAME`, then deploy again (`ma
 # ---- the command line -----------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
-    from roles.lab.config import DEFAULT_HOSTS
     from roles.plan import status as status_plan
     from roles.release.manifest import RELEASES_DIR
 
@@ -422,6 +404,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("dir", help="the secrets folder")
     p.set_defaults(run=keys)
 
+    add_lab_parser(commands)
+    return top
+
+
+def add_lab_parser(commands) -> None:
+    from roles.lab.config import DEFAULT_HOSTS
+
     p = commands.add_parser("lab", help="the local systemd-nspawn lab (root)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     a = actions.add_parser("up", help="build the base if needed and boot the hosts (idempotent)")
@@ -431,8 +420,12 @@ def parser() -> argparse.ArgumentParser:
     actions.add_parser("status", help="show the hosts")
     a = actions.add_parser("model", help="build the lab's tiny random-weight Llama into DEST")
     a.add_argument("dest", help="a folder, e.g. .cache/models/tiny-llama")
+    a = actions.add_parser("deploy-cost", help="what an install-only deploy costs against fleet size: bytes and wall "
+                                               "time of a first install and a no-op, a fresh lab per N (replaces it)")
+    a.add_argument("--hosts", default="1,2,4,8", help="host counts, one fresh lab each (default 1,2,4,8)")
+    a.add_argument("--out", default=".cache/bench", help="folder of the JSON, PNG and logs (default .cache/bench)")
+    a.add_argument("--plot-only", metavar="RESULT.json", help="report and plot a saved result again; no lab is touched")
     p.set_defaults(run=lab)
-    return top
 
 
 def add_bench_parser(commands) -> None:

@@ -9,6 +9,7 @@ they would to real servers.
     vllm-fleet lab down [--keep-base]  # stop and remove everything (optionally keep base + key)
     vllm-fleet lab status              # table of hosts
     vllm-fleet lab model DEST          # the tiny random-weight Llama the lab serves
+    vllm-fleet lab deploy-cost         # what an install-only deploy costs at N = 1, 2, 4, 8 hosts
 
 Only tests and the CLI import this package (an import-linter contract keeps it so): it needs
 root and the [lab] extra.

@@ -51,6 +51,8 @@ PROVIDER_PORT = 8443
 APT_PROXY_PORT = 3142
 # Where apt-cacher-ng started by the lab writes its pid (a dir the daemon's user may write).
 APT_PROXY_PIDFILE = Path("/run/apt-cacher-ng/vllm-fleet-lab.pid")
+# Its transfer log (the package's LogDir): a line "TIME|O|BYTES|CLIENT|FILE" per package file served.
+APT_PROXY_LOG = Path("/var/log/apt-cacher-ng/apt-cacher.log")
 # Its control socket, kept apart from a system instance's default socket.
 APT_PROXY_SOCKET = Path("/run/apt-cacher-ng/vllm-fleet-lab.socket")
 # Account apt-cacher-ng runs as (the package creates it and owns its cache).
