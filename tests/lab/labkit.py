@@ -17,13 +17,20 @@ from typing import NamedTuple
 import requests
 
 from roles.cli import LabEdge, openai_client
+from roles.common import ArtifactFile
 from roles.lab.config import load_state
 from roles.lab.hosts import ssh_command
+from roles.release.lock import Lock, lock_path, read_lock
+from roles.release.manifest import RELEASES_DIR, load_release
+from roles.release.wheelhouse import wheel_files
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 MODEL = REPO / ".cache" / "models" / "tiny-llama"
 DEPLOY_TIMEOUT = 1800
+# Where a lab host keeps the wheels its releases were built from, and where the cache (lab1) serves them.
+WHEEL_STORE = "/opt/vllm-fleet/wheels"
+CACHE_WHEELS = "/var/lib/vllm-fleet/cache/wheels"
 
 
 def bring_up_lab() -> dict:
@@ -31,6 +38,26 @@ def bring_up_lab() -> dict:
     if not (MODEL / "config.json").exists():
         subprocess.run([sys.executable, "-m", "roles.cli", "lab", "model", str(MODEL)], cwd=REPO, check=True)
     return load_state()
+
+
+def release_lock(release: str) -> Lock:
+    return read_lock(lock_path(load_release(release, REPO / RELEASES_DIR), REPO / RELEASES_DIR))
+
+
+def release_venv(release: str) -> str:
+    """Where a lab host keeps ``release``'s venv."""
+    return f"/opt/vllm-fleet/venvs/{release_lock(release).digest[:16]}"
+
+
+def release_new_to_the_fleet(lab: dict, new: str, old: str) -> list[ArtifactFile]:
+    """``new`` as on the day it ships, whatever an earlier run left: its venv gone from every host, and
+    the wheels it adds to ``old`` gone from the hosts' stores and from the cache. Returns those wheels."""
+    in_old = {f.path for f in wheel_files(release_lock(old))}
+    added = [f for f in wheel_files(release_lock(new)) if f.path not in in_old]
+    for host in lab["hosts"]:
+        ssh(host["name"], f"rm -rf {release_venv(new)} && rm -f {' '.join(f'{WHEEL_STORE}/{w.path}' for w in added)}")
+    ssh(lab["hosts"][0]["name"], f"rm -f {' '.join(f'{CACHE_WHEELS}/{w.path}' for w in added)}")
+    return added
 
 
 def key_leaks(host: str, keys: list[str], journal: bool = False) -> list[str]:
