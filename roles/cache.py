@@ -20,6 +20,7 @@ from pyinfra import host, state
 from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from roles import paths, platform
 from roles.artifact_sources import ModelSource, download_on_control_node, model_source
@@ -38,6 +39,12 @@ _TEMPLATE = jinja2.Environment(loader=jinja2.FileSystemLoader(paths.TEMPLATES), 
 
 def render_conf(cache: CachePlan) -> str:
     return _TEMPLATE.render(listen=endpoint(cache.address, cache.port), root=cache.root, allow_from=cache.allow_from)
+
+
+def artifacts_script():
+    """roles/files/artifacts.py on this host: every host that fetches, checks or prunes artifacts runs it."""
+    return files.put(name=f"Install {paths.ARTIFACTS.name}", src=str(paths.ARTIFACTS), dest=paths.ARTIFACTS_PATH,
+                     mode="755", create_remote_dir=True)
 
 
 def fetch_command(base_url: str, manifest: str, dest: str, token_file: str | None = None) -> str:
@@ -79,15 +86,13 @@ def artifact_cache(plan: FleetPlan, with_models: bool = True):
     default_site = files.link(name="Remove the packaged default site", path=paths.NGINX_DEFAULT_SITE, present=False)
     for folder in (cache.root, f"{cache.root}/{WHEELS}", f"{cache.root}/{MODELS}", cache.incoming_dir):
         files.directory(name=f"Directory {folder}", path=folder, mode="755")
-    files.put(name=f"Install {paths.ARTIFACTS.name}", src=str(paths.ARTIFACTS), dest=paths.ARTIFACTS_PATH, mode="755",
-              create_remote_dir=True)
+    artifacts_script()
     conf = files.put(name=f"Serve {cache.root} on {endpoint(cache.address, cache.port)} to the fleet's hosts",
                      src=StringIO(render_conf(cache)), dest=paths.CACHE_NGINX_CONF)
-    server.shell(name="Check the nginx configuration", commands=["nginx -t -q"],
-                 _if=lambda: conf.did_change() or default_site.did_change())
+    changed = any_changed(conf, default_site)
+    server.shell(name="Check the nginx configuration", commands=["nginx -t -q"], _if=changed)
     systemd.service(name="Run nginx", service="nginx", running=True, enabled=True)
-    systemd.service(name="Reload nginx on the cache's configuration", service="nginx", reloaded=True,
-                    _if=lambda: conf.did_change() or default_site.did_change())
+    systemd.service(name="Reload nginx on the cache's configuration", service="nginx", reloaded=True, _if=changed)
     for lock in cached_locks(plan):
         wheels_on_cache(name=f"Send the cache the wheels of {lock.release} it lacks", cache=cache, lock=lock)
     for source in cached_models(plan) if with_models else ():

@@ -20,7 +20,7 @@ from pyinfra.operations import files, server, systemd
 
 from roles import paths, platform
 from roles.artifact_sources import ModelSource, model_source
-from roles.cache import fetch_command, hub_download_commands
+from roles.cache import artifacts_script, fetch_command, hub_download_commands
 from roles.common import manifest_json
 from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
 from roles.plan import engine, fleet
@@ -130,8 +130,7 @@ def release(plan: HostPlan, cache: CachePlan | None):
         files.directory(name=f"Directory {path}", path=path, mode="755")
     # Environment files may hold API keys; systemd reads them as root.
     files.directory(name=f"Directory {paths.ENV_DIR}", path=paths.ENV_DIR, mode="700")
-    files.put(name=f"Install {paths.ARTIFACTS.name}", src=str(paths.ARTIFACTS), dest=paths.ARTIFACTS_PATH, mode="755",
-              create_remote_dir=True)
+    artifacts_script()
 
     wheel_store, venvs_dir = f"{install_dir}/wheels", f"{install_dir}/venvs"
     venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
