@@ -1,7 +1,7 @@
 """`vllm-fleet lab deploy-cost`: what installing the fleet costs as it grows, measured on the lab.
 
 For each host count N, ascending: a fresh lab of N hosts (`lab down --keep-base`, `lab up --hosts
-N`), the install-only deploy (`pyinfra -y inventories/lab.py deploys/install.py`: artifact cache,
+N`, their package indexes refreshed one host after another), the install-only deploy (`pyinfra -y inventories/lab.py deploys/install.py`: artifact cache,
 release venv, staged model, no vLLM started) with pyinfra's default parallelism (every host at
 once), then the same deploy again, which must change nothing. Each deploy is timed, its Grand total
 kept, and its bytes read from the kernel's counters of the lab network: the bridge's tx_bytes is
@@ -32,6 +32,7 @@ from typing import Any
 from roles.bench import machine_info, now
 from roles.errors import LabError
 from roles.lab.config import APT_PROXY_LOG, BRIDGE, HOST_OFFSET, SUBNET, host_name, veth_name
+from roles.lab.hosts import ssh_command
 from roles.lab.deploy_cost_report import KIND, grand_total, not_noops, parse_hosts, plot, read_result, report, succeeded
 from roles.lab.rootfs import require_root
 from roles.plan.bench import time_stamp
@@ -49,8 +50,10 @@ LAB_TIMEOUT_S = 20 * 60
 # Host labN takes the (HOST_OFFSET + N)th address, below the broadcast address.
 MOST_HOSTS = SUBNET.num_addresses - HOST_OFFSET - 2
 SYS_NET = Path("/sys/class/net")
-APT_NOTE = ("fresh hosts; their Debian packages come from this machine's apt proxy (its cache kept across labs), "
-            "which a real fleet's hosts get from their mirror: counted apart from what leaves the control node")
+APT_NOTE = ("fresh hosts, their package indexes refreshed one host after another before the measurement (the lab's "
+            "apt proxy hangs some concurrent updates); their Debian packages come from this machine's apt proxy (its "
+            "cache kept across labs), which a real fleet's hosts get from their mirror: counted apart from what "
+            "leaves the control node")
 
 
 def lab_settings(text: str) -> dict[str, Any]:
@@ -136,8 +139,21 @@ def _why(measurement: dict[str, Any]) -> str:
     return f"pyinfra exited {measurement['returncode']}"
 
 
+def refresh_indexes(hosts: list[str]) -> None:
+    """Each fresh host's Debian package indexes, one host after another, before the measurement: the
+    lab's apt proxy left some of four or eight hosts updating at once hung for minutes on an index it
+    was revalidating (their connections in CLOSE-WAIT, apt's http method never noticing; seen here).
+    The stamp tells the deploy the indexes are fresh, so it does not update them again. Which
+    Debian packages a host installs, and their bytes, stay in the measurement."""
+    for host in hosts:
+        subprocess.run(ssh_command(host) + ["apt-get update -q >/dev/null && "
+                                            "touch /var/lib/apt/periodic/update-success-stamp"],
+                       check=True, timeout=LAB_TIMEOUT_S)
+
+
 def run_rounds(counts: list[int], run_dir: Path, result: dict[str, Any], save: Callable[[], None],
-               lab: Callable[..., None] = lab_cli, measure: Callable[..., dict] = measure_deploy) -> bool:
+               lab: Callable[..., None] = lab_cli, measure: Callable[..., dict] = measure_deploy,
+               refresh: Callable[[list[str]], None] = refresh_indexes) -> bool:
     """Every round into ``result['rounds']``, saved after each deploy; the first failure is put in
     ``result['failed']`` and stops the run (False)."""
     for n in counts:
@@ -146,6 +162,7 @@ def run_rounds(counts: list[int], run_dir: Path, result: dict[str, Any], save: C
         try:
             lab("down", "--keep-base")
             lab("up", "--hosts", str(n))
+            refresh(hosts)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             result["failed"] = {"n": n, "step": "fresh lab", "problem": str(error), "log": None}
             save()

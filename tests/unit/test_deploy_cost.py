@@ -189,13 +189,17 @@ def test_rounds_run_in_order_each_on_a_fresh_lab_and_stop_at_the_first_failed_de
         calls.append(("deploy", len(hosts), log.name))
         return measurement(1.0, 600, [600] * len(hosts), returncode=1 if log.name == "N4-noop.log" else 0)
 
+    def refresh(hosts):
+        calls.append(("indexes", *hosts))
+
     result = a_result([])
     done = deploy_cost.run_rounds([1, 4, 8], tmp_path, result, lambda: saved.append(len(result["rounds"])),
-                                  lab=lab, measure=measure)
+                                  lab=lab, measure=measure, refresh=refresh)
     assert not done
-    assert calls == [("lab", "down", "--keep-base"), ("lab", "up", "--hosts", "1"),
+    assert calls == [("lab", "down", "--keep-base"), ("lab", "up", "--hosts", "1"), ("indexes", "lab1"),
                      ("deploy", 1, "N1-first.log"), ("deploy", 1, "N1-noop.log"),
                      ("lab", "down", "--keep-base"), ("lab", "up", "--hosts", "4"),
+                     ("indexes", "lab1", "lab2", "lab3", "lab4"),
                      ("deploy", 4, "N4-first.log"), ("deploy", 4, "N4-noop.log")]
     assert [r["n"] for r in result["rounds"]] == [1, 4] and result["rounds"][1]["hosts"][-1] == "lab4"
     assert result["failed"] == {"n": 4, "step": "no-op re-run", "problem": "pyinfra exited 1",
@@ -211,7 +215,7 @@ def test_a_lab_that_does_not_come_up_stops_the_rounds(tmp_path):
             raise subprocess.CalledProcessError(1, ["vllm-fleet", "lab", *args])
 
     result = a_result([])
-    assert not deploy_cost.run_rounds([2], tmp_path, result, lambda: None, lab=lab, measure=None)
+    assert not deploy_cost.run_rounds([2], tmp_path, result, lambda: None, lab=lab, measure=None, refresh=None)
     assert result["rounds"] == [] and result["failed"]["step"] == "fresh lab"
 
 
