@@ -76,10 +76,7 @@ def apt_proxy_config(address: str) -> str:
 
     Plain caching proxy, without the distro config's Remap-* rules: those send Debian requests
     to mirrors from backends_debian(.default), which may be unreachable from here, while the
-    hosts only ever ask for this machine's own (reachable) apt sources. Index files fetched in the
-    last hour are served without asking the mirror again: eight fresh hosts updating at once
-    (`vllm-fleet lab deploy-cost`) left five of them hung on an InRelease the proxy was
-    revalidating (seen here), and a lab needs no fresher indexes than that.
+    hosts only ever ask for this machine's own (reachable) apt sources.
     """
     return "\n".join([
         "CacheDir: /var/cache/apt-cacher-ng",
@@ -91,7 +88,6 @@ def apt_proxy_config(address: str) -> str:
         f"SocketPath: {APT_PROXY_SOCKET}",
         "ForeGround: 0",
         "ExThreshold: 4",
-        "FreshIndexMaxAge: 3600",
     ]) + "\n"
 
 
