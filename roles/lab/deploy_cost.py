@@ -7,7 +7,9 @@ once), then the same deploy again, which must change nothing. Each deploy is tim
 kept, and its bytes read from the kernel's counters of the lab network: the bridge's tx_bytes is
 what the control node sent into the lab (traffic between hosts, such as the hosts pulling from the
 cache host lab1, is switched inside the bridge and never reaches it), its rx_bytes what came back,
-and each host's bridge-side veth's tx_bytes what that host received, from anywhere.
+and each host's bridge-side veth's tx_bytes what that host received, from anywhere. CPU seconds
+are read from the cgroups (each lab host's own, and this machine's), with the time some task waited
+for a CPU (the kernel's pressure stall): what bounds the wall time on two cores.
 
 The release's wheelhouse is built before the first round, outside the measurement. The hosts are
 fresh, but this machine's apt proxy keeps its cache across labs: Debian packages are served from
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +35,7 @@ from typing import Any
 from roles.bench import machine_info, now
 from roles.errors import LabError
 from roles.lab.config import APT_PROXY_LOG, BRIDGE, HOST_OFFSET, SUBNET, host_name, veth_name
-from roles.lab.hosts import ssh_command
+from roles.lab.hosts import CGROUP_PARENT, ssh_command
 from roles.lab.deploy_cost_report import KIND, grand_total, not_noops, parse_hosts, plot, read_result, report, succeeded
 from roles.lab.rootfs import require_root
 from roles.plan.bench import time_stamp
@@ -50,6 +53,8 @@ LAB_TIMEOUT_S = 20 * 60
 # Host labN takes the (HOST_OFFSET + N)th address, below the broadcast address.
 MOST_HOSTS = SUBNET.num_addresses - HOST_OFFSET - 2
 SYS_NET = Path("/sys/class/net")
+# The cgroup v2 tree of this machine: each lab host's processes are in CGROUP_PARENT/<host> there.
+CGROUP_V2 = Path("/sys/fs/cgroup/unified")
 APT_NOTE = ("fresh hosts, their package indexes refreshed one host after another before the measurement (the lab's "
             "apt proxy hangs some concurrent updates); their Debian packages come from this machine's apt proxy (its "
             "cache kept across labs), which a real fleet's hosts get from their mirror: counted apart from what "
@@ -114,17 +119,37 @@ def run_pyinfra(log: Path, timeout_s: float) -> tuple[int | None, bool]:
     return proc.returncode, False
 
 
+def cpu_readings(hosts: list[str], root: Path = CGROUP_V2) -> dict[str, float]:
+    """CPU seconds so far: each lab host's (its own cgroup, which every process of that host is in),
+    this whole machine's, and how long some task of this machine waited for a CPU (pressure stall)."""
+    def usage(group: Path) -> float:
+        stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+        return int(stat["usage_usec"]) / 1e6
+
+    some = (root / "cpu.pressure").read_text().splitlines()[0]
+    return {**{host: usage(root / CGROUP_PARENT / host) for host in hosts}, "machine": usage(root),
+            "stalled": int(some.rsplit("total=", 1)[1]) / 1e6}
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float], hosts: list[str]) -> dict[str, float]:
+    """What one deploy cost in CPU: the hosts' seconds, the machine's, and the seconds it was short of CPUs."""
+    return {"hosts_s": round(sum(after[h] - before[h] for h in hosts), 1),
+            "machine_s": round(after["machine"] - before["machine"], 1),
+            "stalled_s": round(after["stalled"] - before["stalled"], 1), "cpus": os.cpu_count()}
+
+
 def measure_deploy(hosts: list[str], log: Path, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str, Any]:
-    """One deploy of the lab of ``hosts``: wall seconds, exit code, Grand total and bytes."""
+    """One deploy of the lab of ``hosts``: wall seconds, exit code, Grand total, bytes and CPU."""
     devices = [BRIDGE, *(veth_name(host) for host in hosts)]
-    before, wall_start = read_counters(devices), time.time()
+    before, cpu_before, wall_start = read_counters(devices), cpu_readings(hosts), time.time()
     started = time.monotonic()
     returncode, timed_out = run_pyinfra(log, timeout_s)
     seconds = time.monotonic() - started
-    after = read_counters(devices)
+    after, cpu_after = read_counters(devices), cpu_readings(hosts)
     return {"seconds": round(seconds, 2), "returncode": returncode, "timed_out": timed_out,
             "totals": grand_total(log.read_text(errors="replace")), **traffic(before, after, hosts),
-            "apt_proxy_bytes": apt_proxy_bytes(wall_start, time.time()), "log": str(log)}
+            "apt_proxy_bytes": apt_proxy_bytes(wall_start, time.time()),
+            "cpu": cpu_used(cpu_before, cpu_after, hosts), "log": str(log)}
 
 
 def lab_cli(*args: str) -> None:

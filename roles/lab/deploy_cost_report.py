@@ -129,7 +129,8 @@ def not_noops(rounds: list[dict[str, Any]]) -> list[str]:
 
 # (header, width): values are right-aligned under their header.
 COLUMNS = (("hosts", 5), ("first: out of control node", 26), ("+ Debian packages", 17),
-           ("into each host (mean / max)", 27), ("wall", 6), ("no-op: wall", 11), ("out", 8), ("changes", 7))
+           ("into each host (mean / max)", 27), ("wall", 6), ("hosts' CPU", 10), ("CPUs busy", 9),
+           ("no-op: wall", 11), ("out", 8), ("changes", 7))
 
 
 def _mb(value: float) -> str:
@@ -138,20 +139,42 @@ def _mb(value: float) -> str:
 
 def table_row(r: dict[str, Any]) -> str:
     first, noop = r.get("first"), r.get("noop")
-    cells = [str(r["n"])] + ["-"] * 7
+    cells = [str(r["n"])] + ["-"] * 9
     if first:
         mean, most = host_mean_max(first)
         cells[1:5] = [f"{_mb(fleet_out(first))} MB", f"{_mb(first.get('apt_proxy_bytes', 0))} MB",
                       f"{_mb(mean)} / {_mb(most)} MB", f"{first['seconds']:.0f} s"]
+        if first.get("cpu"):
+            cells[5:7] = [f"{first['cpu']['hosts_s']:.0f} s", f"{busy(first):.0%}"]
         if not succeeded(first):
             cells[1] = "failed, " + cells[1]
     if noop:
         changed = (noop.get("totals") or {}).get("changed")
-        cells[5:] = [f"{noop['seconds']:.1f} s", f"{_mb(fleet_out(noop))} MB",
+        cells[7:] = [f"{noop['seconds']:.1f} s", f"{_mb(fleet_out(noop))} MB",
                      "?" if changed is None else str(changed)]
         if not succeeded(noop):
-            cells[5] = "failed, " + cells[5]
+            cells[7] = "failed, " + cells[7]
     return "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, COLUMNS))
+
+
+def busy(measurement: dict[str, Any]) -> float:
+    """How busy this machine's CPUs were during a deploy: CPU seconds over wall seconds times CPUs."""
+    cpu = measurement["cpu"]
+    return cpu["machine_s"] / (measurement["seconds"] * cpu["cpus"])
+
+
+def cpu_bound(rounds: list[dict[str, Any]]) -> list[str]:
+    """What bounds the first install's wall time, in the largest round: the CPU work of every host on
+    this machine's CPUs, against the smallest round's."""
+    measured = sorted((r for r in rounds if succeeded(r.get("first")) and r["first"].get("cpu")), key=lambda r: r["n"])
+    if len(measured) < 2:
+        return []
+    low, high = measured[0], measured[-1]
+    first, cpu = high["first"], high["first"]["cpu"]
+    return [f"first install at N={high['n']}: the hosts used {cpu['hosts_s']:.0f} CPU-seconds "
+            f"({cpu['hosts_s'] / high['n']:.0f} each; {low['first']['cpu']['hosts_s'] / low['n']:.0f} each at "
+            f"N={low['n']}) in {first['seconds']:.0f} s on {cpu['cpus']} CPUs, which were {busy(first):.0%} busy; "
+            f"some task waited for a CPU {cpu['stalled_s'] / first['seconds']:.0%} of the time"]
 
 
 def table(rounds: list[dict[str, Any]]) -> str:
@@ -173,6 +196,7 @@ def report(result: dict[str, Any]) -> str:
              (f"one copy of the release's wheels and the model: {_mb(one_copy_bytes(result))} MB (wheelhouse "
               "prebuilt on this machine)"), f"apt: {result['apt_note']}",
              *(goal.line() for goal in goals(result["rounds"])),
+             *cpu_bound(result["rounds"]),
              *not_noops(result["rounds"])]
     if result.get("failed"):
         failed = result["failed"]

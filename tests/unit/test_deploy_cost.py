@@ -153,10 +153,22 @@ def test_table_rows_line_up_under_their_headers():
     rounds = [a_round(1, 184, 9.1, 612.5), a_round(2, 230, 10.2, 615.0)]
     lines = cost.table(rounds).splitlines()
     assert lines[0].split("  ")[0] == "hosts" and "into each host (mean / max)" in lines[0]
-    assert re.fullmatch(r"\s+1\s+612\.5 MB\s+0\.0 MB\s+600\.0 / 600\.0 MB\s+184 s\s+9\.1 s\s+0\.4 MB\s+0", lines[1]), \
-        lines[1]
+    assert re.fullmatch(r"\s+1\s+612\.5 MB\s+0\.0 MB\s+600\.0 / 600\.0 MB\s+184 s\s+-\s+-\s+9\.1 s\s+0\.4 MB\s+0",
+                        lines[1]), lines[1]
     assert "595.0 / 600.0 MB" in lines[2]
     assert {len(line) for line in lines} == {len(lines[0])}
+
+
+def test_cpu_seconds_and_how_busy_the_cpus_were_say_what_bounds_the_wall_time():
+    rounds = [a_round(1, 50, 3.0), a_round(8, 280, 4.5)]
+    rounds[0]["first"]["cpu"] = {"hosts_s": 40.0, "machine_s": 60.0, "stalled_s": 2.0, "cpus": 2}
+    rounds[1]["first"]["cpu"] = {"hosts_s": 320.0, "machine_s": 532.0, "stalled_s": 252.0, "cpus": 2}
+    rows = cost.table(rounds).splitlines()
+    assert re.search(r"\s40 s\s+60%\s", rows[1]) and re.search(r"\s320 s\s+95%\s", rows[2]), rows
+    assert cost.cpu_bound(rounds) == [
+        "first install at N=8: the hosts used 320 CPU-seconds (40 each; 40 each at N=1) in 280 s on 2 CPUs, which "
+        "were 95% busy; some task waited for a CPU 90% of the time"]
+    assert cost.cpu_bound(rounds[:1]) == []
 
 
 def test_table_shows_a_failed_deploy_and_what_was_not_measured():
@@ -165,7 +177,7 @@ def test_table_shows_a_failed_deploy_and_what_was_not_measured():
     broken["first"]["timed_out"] = True
     del broken["noop"]
     row = cost.table([broken]).splitlines()[1]
-    assert "failed, 600.0 MB" in row and row.split()[-4:] == ["s", "-", "-", "-"]
+    assert "failed, 600.0 MB" in row and row.split()[-6:] == ["s", "-", "-", "-", "-", "-"]
 
 
 def test_report_names_the_machine_the_goals_and_where_it_stopped():
