@@ -64,14 +64,6 @@ class CachePlan:
     def model_dir(self, dirname: str) -> str:
         return f"{self.root}/{MODELS}/{dirname}"
 
-    @property
-    def allow_from_v4(self) -> tuple[str, ...]:
-        return tuple(n for n in self.allow_from if ipaddress.ip_network(n).version == 4)
-
-    @property
-    def allow_from_v6(self) -> tuple[str, ...]:
-        return tuple(n for n in self.allow_from if ipaddress.ip_network(n).version == 6)
-
 
 def plan_cache(fleet: FleetPlan, hosts: Sequence[tuple[str, Mapping[str, Any]]],
                cache_group: Sequence[str]) -> CachePlan:

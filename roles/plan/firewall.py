@@ -85,25 +85,30 @@ class FirewallPlan:
 
     @property
     def grafana_sources_v4(self) -> tuple[str, ...]:
-        return tuple(s for s in self.grafana_sources if ipaddress.ip_network(s).version == 4)
+        return _of_version(self.grafana_sources, 4)
 
     @property
     def grafana_sources_v6(self) -> tuple[str, ...]:
-        return tuple(s for s in self.grafana_sources if ipaddress.ip_network(s).version == 6)
+        return _of_version(self.grafana_sources, 6)
 
     @property
     def cache_sources_v4(self) -> tuple[str, ...]:
-        return tuple(s for s in self.cache_sources if ipaddress.ip_network(s).version == 4)
+        return _of_version(self.cache_sources, 4)
 
     @property
     def cache_sources_v6(self) -> tuple[str, ...]:
-        return tuple(s for s in self.cache_sources if ipaddress.ip_network(s).version == 6)
+        return _of_version(self.cache_sources, 6)
 
     def with_ssh_ports(self, ports: Iterable[int]) -> FirewallPlan:
         """The plan with more SSH ports kept open: those the host's sshd listens on, read from the
         host at deploy time, so a port the inventory does not know never locks the operator out."""
         ssh = {*self.ssh_ports, *ports}
         return replace(self, ssh_ports=tuple(sorted(ssh)), open_tcp=tuple(p for p in self.open_tcp if p not in ssh))
+
+
+def _of_version(networks: tuple[str, ...], version: int) -> tuple[str, ...]:
+    """The IPv4 (4) or IPv6 (6) ones of ``networks``: nft takes each family in a rule of its own."""
+    return tuple(n for n in networks if ipaddress.ip_network(n).version == version)
 
 
 def peer_addresses(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> tuple[PeerAddress, ...]:
