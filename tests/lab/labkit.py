@@ -40,6 +40,14 @@ def bring_up_lab() -> dict:
     return load_state()
 
 
+def deployed_lab() -> dict:
+    """The lab, up, with the lab inventory's fleet deployed on it (whatever an earlier test left)."""
+    state = bring_up_lab()
+    deployed = run_deploy()
+    assert deployed.returncode == 0, deployed.output[-5000:]
+    return state
+
+
 def release_lock(release: str) -> Lock:
     return read_lock(lock_path(load_release(release, REPO / RELEASES_DIR), REPO / RELEASES_DIR))
 

@@ -32,7 +32,7 @@ from tests.lab.labkit import (
     REPO,
     WHEEL_STORE,
     Load,
-    bring_up_lab,
+    deployed_lab,
     release_lock,
     release_new_to_the_fleet,
     release_venv,
@@ -50,10 +50,7 @@ HOSTS = ("lab1", "lab2")
 
 @pytest.fixture(scope="module")
 def lab():
-    state = bring_up_lab()
-    deployed = run_deploy()
-    assert deployed.returncode == 0, deployed.output[-5000:]
-    return state
+    return deployed_lab()
 
 
 def fetch_from(host: str, url: str) -> str:

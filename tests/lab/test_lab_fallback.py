@@ -31,7 +31,7 @@ from roles import cli
 from roles.lab import provider as lab_provider
 from roles.lab.config import veth_name
 from roles.plan.fallback import FALLBACK_KEY_FILE
-from tests.lab.labkit import Deploy, Load, Result, bring_up_lab, key_leaks, run_deploy, ssh
+from tests.lab.labkit import Deploy, Load, Result, deployed_lab, key_leaks, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 
@@ -45,11 +45,8 @@ BACK_IN_NGINX_S = 15
 
 @pytest.fixture(scope="module")
 def lab():
-    state = bring_up_lab()
     # The provider runs on the release and model the fleet's deploy staged on its host.
-    deployed = run_deploy()
-    assert deployed.returncode == 0, deployed.output[-5000:]
-    return state
+    return deployed_lab()
 
 
 @pytest.fixture(scope="module")

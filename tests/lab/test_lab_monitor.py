@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.lab.labkit import bring_up_lab, run_deploy, ssh
+from tests.lab.labkit import deployed_lab, run_deploy, ssh
 
 pytestmark = pytest.mark.lab
 
@@ -23,10 +23,7 @@ QUERY = ("import json, sys, urllib.parse, urllib.request as u; "
 
 @pytest.fixture(scope="module")
 def monitor_host():
-    lab = bring_up_lab()
-    deploy = run_deploy()
-    assert deploy.returncode == 0, deploy.output[-5000:]
-    return lab["hosts"][-1]["name"]
+    return deployed_lab()["hosts"][-1]["name"]
 
 
 def api(host: str, path: str) -> dict:
