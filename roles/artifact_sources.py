@@ -76,14 +76,15 @@ def wanted(files: tuple[ArtifactFile, ...]) -> tuple[ArtifactFile, ...]:
 
 
 @lru_cache(maxsize=8)
-def snapshot_files(where: str, model_id: str, revision: str, endpoint: str, token: Secret | None,
+def snapshot_files(model_id: str, revision: str, endpoint: str, token: Secret | None,
                    secrets_dir: Path) -> tuple[ArtifactFile, ...]:
     """Every file of ``model_id`` at ``revision`` with the size and digest the Hub publishes (the
-    LFS sha256, else the git blob id); refused with the reason when the Hub will not say."""
+    LFS sha256, else the git blob id); refused with the reason when the Hub will not say. Asked once
+    per run and model (the deploy file runs once per host), whatever the number of hosts."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    field, store = f"{where}: `vllm_model_id`", SET_TOKEN.format(folder=secrets_dir)
+    field, store = "`vllm_model_id`", SET_TOKEN.format(folder=secrets_dir)
     try:
         info = HfApi(endpoint=endpoint, token=token.reveal() if token else False).model_info(
             model_id, revision=revision, files_metadata=True)
@@ -92,7 +93,7 @@ def snapshot_files(where: str, model_id: str, revision: str, endpoint: str, toke
                                f"store the token of an account the repository admits with {store}; it is handed "
                                "to the download alone.") from None
     except RevisionNotFoundError:
-        raise FleetConfigError(f"{where}: `vllm_model_revision`", f"{endpoint} has no revision {revision} of "
+        raise FleetConfigError("`vllm_model_revision`", f"{endpoint} has no revision {revision} of "
                                f"{model_id}.", "set it to a commit of the repository (40 hex digits).") from None
     except RepositoryNotFoundError:
         raise FleetConfigError(field, _refused(model_id, endpoint, token, secrets_dir, "is not there or is private"),
@@ -131,8 +132,10 @@ def model_source(plan: FleetPlan, host_plan: HostPlan) -> ModelSource:
     if model.local_path is not None:
         return ModelSource(model, model.files, "push", local_dir=model.local_path)
     endpoint, token = hub_endpoint(host_plan.get("vllm_hf_endpoint")), hub_token(plan.secrets_dir)
-    files = wanted(snapshot_files(f"host {host_plan.name}", model.model_id, model.revision, endpoint, token,
-                                  plan.secrets_dir))
+    try:
+        files = wanted(snapshot_files(model.model_id, model.revision, endpoint, token, plan.secrets_dir))
+    except FleetConfigError as refused:
+        raise FleetConfigError(f"host {host_plan.name}: {refused.field}", refused.problem, refused.fix) from None
     how = host_plan.get("vllm_hub_download")
     url = f"{endpoint}/{model.model_id}/resolve/{model.revision}/"
     if how == "control":

@@ -185,6 +185,8 @@ def test_a_gated_hub_model_is_downloaded_once_on_the_cache_with_a_token_that_sta
     assert [dest for _, dest in uploads(timeline, "h1") if "hub.token" in dest] == ["/run/vllm-fleet/hub.token.upload"]
     assert "/run/vllm-fleet/hub.token" not in fleet.sims["h1"].files
     assert [(name, op.name) for name, op in fleet.deploy() if op.commands] == []
+    # The control node asked the Hub for the revision's files once, for both hosts and both runs.
+    assert len([r for r in hub.requests if r.path.startswith("/api/models/")]) == 1
 
 
 @pytest.mark.parametrize("token, problem", [
