@@ -475,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs must be 1 or more")
     in_main_thread = threading.current_thread() is threading.main_thread()  # the one thread signals reach
     previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
+    # Started in the background of a shell, a process inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: an interrupt would leave the download running.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main_thread else None
     try:
         return args.run(args)
     except UsageError as error:
@@ -489,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":
