@@ -119,7 +119,7 @@ def placements(plan: HostPlan) -> dict[str, str]:
 @deploy("Release")
 def release(plan: HostPlan, cache: CachePlan | None):
     """Host packages, the service user and the release venv, its wheels pulled from ``cache`` (the
-    fleet's artifact cache) unless the release names the operator's index. Returns the venv operation."""
+    fleet's artifact cache) unless the release names the operator's index."""
     user, install_dir, data_dir = plan.get("vllm_user"), plan.get("vllm_install_dir"), plan.get("vllm_data_dir")
     plat = platform.for_host(plan.name, host.get_fact(LinuxDistribution), plan.lock.python, plan.get("vllm_python"))
 
@@ -133,9 +133,9 @@ def release(plan: HostPlan, cache: CachePlan | None):
     artifacts_script()
 
     wheel_store, venvs_dir = f"{install_dir}/wheels", f"{install_dir}/venvs"
-    venv = release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
-                        lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python, wheel_store=wheel_store,
-                        cache=cache, index_url=plan.release.index.host_index_url)
+    release_venv(name=f"Release {plan.release.name} venv (first install: several minutes)",
+                 lock=plan.lock, venv_dir=plan.venv_dir, python=plat.python, wheel_store=wheel_store,
+                 cache=cache, index_url=plan.release.index.host_index_url)
     links_dir = f"{install_dir}/instances"
     prune(name=f"Keep the newest {plan.get('vllm_keep_releases')} release venvs", parent=venvs_dir,
           marker=".lock-digest", keep=plan.get("vllm_keep_releases"), protected=lambda: {
@@ -143,7 +143,6 @@ def release(plan: HostPlan, cache: CachePlan | None):
               *filter(None, [(host.get_fact(Link, path=f"{install_dir}/current") or {}).get("link_target")])})
     unused_wheels_removed(name="Keep the wheels the kept release venvs were built from", wheel_store=wheel_store,
                           venvs_dir=venvs_dir)
-    return venv
 
 
 @operation()
