@@ -31,6 +31,9 @@ DEPLOY_TIMEOUT = 1800
 # Where a lab host keeps the wheels its releases were built from, and where the cache (lab1) serves them.
 WHEEL_STORE = "/opt/vllm-fleet/wheels"
 CACHE_WHEELS = "/var/lib/vllm-fleet/cache/wheels"
+# Where a lab host keeps its staged models, and where the cache serves them.
+MODELS_DIR = "/var/lib/vllm-fleet/models"
+CACHE_MODELS = "/var/lib/vllm-fleet/cache/models"
 
 
 def bring_up_lab() -> dict:

@@ -27,8 +27,10 @@ from roles.lab.hosts import ssh_command
 from roles.lab.hub import StandInHub
 from roles.release.wheelhouse import build_wheelhouse, wheel_files
 from tests.lab.labkit import (
+    CACHE_MODELS,
     CACHE_WHEELS,
     MODEL,
+    MODELS_DIR,
     REPO,
     WHEEL_STORE,
     Load,
@@ -143,6 +145,11 @@ def test_a_gated_hub_model_is_staged_on_every_host_from_one_download(lab, hub):
     token_file = cli.lab_secrets() / HUB_TOKEN_FILE
     token_file.unlink(missing_ok=True)
     dirname = f"lab--tiny-llama-gated-{hub.revision[:12]}"
+    # The revision is the lab model's, so an earlier run's copy may still be there: the model as on
+    # the day it is first deployed is on no host and not on the cache.
+    for host in HOSTS:
+        ssh(host, f"rm -rf {MODELS_DIR}/{dirname} {MODELS_DIR}/{dirname}.partial")
+    ssh("lab1", f"rm -rf {CACHE_MODELS}/{dirname}")
     try:
         without = run_deploy(*hub_model(hub))
         assert without.returncode != 0 and "host lab1: `vllm_model_id`" in without.output, without.output[-3000:]
@@ -162,7 +169,7 @@ def test_a_gated_hub_model_is_staged_on_every_host_from_one_download(lab, hub):
         assert staged.returncode == 0, staged.output[-5000:]
         assert hub.downloads("model.safetensors") == 1 and hub.downloads("config.json") == 1
         for host in HOSTS:
-            staged_dir = f"/var/lib/vllm-fleet/models/{dirname}"
+            staged_dir = f"{MODELS_DIR}/{dirname}"
             sums = ssh(host, f"cd {staged_dir} && sha256sum model.safetensors config.json tokenizer.json")
             for line in sums.splitlines():
                 digest, name = line.split()
