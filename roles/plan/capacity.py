@@ -166,7 +166,7 @@ def _derive_limits(inst: PlannedInstance, space: Room) -> _Limits:
     if dep.max_model_len is None and max_pos and longest < max_pos:
         notes.append(f"max_model_len derived as {longest:,} (the model allows {max_pos:,}): pass it as "
                      f"--max-model-len, else vLLM takes the model's limit and refuses to start.")
-    max_concurrent = space.lay.budget // seq_bytes(arch, max_model_len, inst.kv_b, inst.tp, space.block)
+    max_concurrent = space.lay.budget // seq_bytes(inst.stage, max_model_len, inst.kv_b, inst.tp, space.block)
     max_num_seqs = min(MAX_NUM_SEQS_CAP, max(1, max_concurrent)) if dep.max_num_seqs is None else dep.max_num_seqs
     if dep.max_num_seqs is None:
         notes.append(f"max_num_seqs derived as {max_num_seqs}: as many max-length sequences as the KV cache "
@@ -246,7 +246,7 @@ def _warnings(inst: PlannedInstance, space: Room, limits: _Limits) -> tuple[str,
                    f"fit{'s' if count == 1 else ''} at once (under {TIGHT_SEQUENCES}): further long requests wait "
                    "or are preempted")
     fixes = []
-    quarter = min(longest_sequence(inst.arch, budget // TIGHT_SEQUENCES, inst.kv_b, inst.tp, space.block),
+    quarter = min(longest_sequence(inst.stage, budget // TIGHT_SEQUENCES, inst.kv_b, inst.tp, space.block),
                   inst.arch.max_position_embeddings or budget)
     if space.block <= quarter < limits.max_model_len:
         fixes.append(f"set {inst.field('vllm_max_model_len')} to {quarter:,} ({TIGHT_SEQUENCES} at once)")

@@ -8,7 +8,7 @@ Units in messages: GB = 1e9 bytes, one decimal, everywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from roles.common import GIB
 from roles.errors import FleetConfigError
@@ -75,7 +75,9 @@ class Deployment:
     gpu: GpuSpec | None = None
     """The GPU type; None for a CPU instance."""
     gpus_per_instance: int = 1
-    """Tensor-parallel size (``vllm_tensor_parallel_size``)."""
+    """Tensor-parallel size (``vllm_tensor_parallel_size``): GPUs per host."""
+    pipeline_parallel: int = 1
+    """Pipeline stages, one per host (an instance of ``vllm_instance_groups`` spans that many)."""
     weight_dtype: str = "auto"
     """``vllm_dtype``: auto, bfloat16, float16 or float32."""
     quantization: str | None = None
@@ -100,9 +102,22 @@ class Layout:
     budget: int
 
 
-def layout(arch: ModelArch, gpu: GpuSpec, util: float, tp: int, dtype: str, quant: str | None) -> Layout:
+def stage_of(arch: ModelArch, pp: int) -> ModelArch:
+    """The heaviest of ``pp`` pipeline stages as a model of its own: vLLM gives each stage at most
+    ceil(layers / pp) layers. The embeddings live on the first stage and lm_head on the last; the
+    stage counts both (conservative by one embedding matrix: 4.2 GB for Llama 3.1 405B in bf16),
+    and the first stage's sliding-window layers."""
+    if pp == 1:
+        return arch
+    layers = -(-arch.num_layers // pp)
+    return replace(arch, num_layers=layers,
+                   sliding_window_layers=tuple(i for i in arch.sliding_window_layers if i < layers))
+
+
+def layout(arch: ModelArch, gpu: GpuSpec, util: float, tp: int, dtype: str, quant: str | None,
+           pp: int = 1) -> Layout:
     total = weight_bytes(arch, dtype, quant)
-    per_gpu = math.ceil(total / tp)
+    per_gpu = math.ceil((total if pp == 1 else weight_bytes(stage_of(arch, pp), dtype, quant)) / tp)
     usable = int(gpu.memory_bytes * util)
     return Layout(total, per_gpu, usable, RESERVE_BYTES_PER_GPU, usable - per_gpu - RESERVE_BYTES_PER_GPU)
 
@@ -129,12 +144,16 @@ def weight_dtype(arch: ModelArch, dep: Deployment) -> str:
 
 @dataclass(frozen=True)
 class PlannedInstance:
-    """One instance whose inputs passed the input checks, resolved: what every later step reads."""
+    """One instance whose inputs passed the input checks, resolved: what every later step reads.
+    ``arch`` is the whole model; ``stage`` the heaviest pipeline stage (the model itself without
+    pipeline parallelism): what one GPU holds weights and KV cache of."""
     arch: ModelArch
     dep: Deployment
     host_gpus: int | None
     where: str
     tp: int
+    pp: int
+    stage: ModelArch
     gpu: GpuSpec | None
     dtype: str  # vllm_dtype, `auto` resolved
     quant: str | None  # the deployment's quantization, else a pre-quantized checkpoint's
@@ -154,8 +173,9 @@ def resolve(arch: ModelArch, dep: Deployment, host_gpus: int | None, where: str)
         quant = arch.quantization  # a pre-quantized checkpoint is served in its own format
     need = dep.max_model_len or GPU_BLOCK_SIZE  # a derived length needs at least one block
     dtype = weight_dtype(arch, dep)
-    return PlannedInstance(arch, dep, host_gpus, where, dep.gpus_per_instance, dep.gpu, dtype, quant,
-                    kv_dtype_bytes(dep.kv_cache_dtype, dtype), need)
+    return PlannedInstance(arch, dep, host_gpus, where, dep.gpus_per_instance, dep.pipeline_parallel,
+                           stage_of(arch, dep.pipeline_parallel), dep.gpu, dtype, quant,
+                           kv_dtype_bytes(dep.kv_cache_dtype, dtype), need)
 
 
 @dataclass(frozen=True)
@@ -170,25 +190,30 @@ class Room:
 
 
 def room(inst: PlannedInstance) -> Room:
-    arch, dep, tp, kv_b = inst.arch, inst.dep, inst.tp, inst.kv_b
+    arch, stage, dep, tp, kv_b = inst.arch, inst.stage, inst.dep, inst.tp, inst.kv_b
     block = CPU_BLOCK_SIZE if inst.gpu is None else GPU_BLOCK_SIZE
     if inst.gpu is None:
         total = weight_bytes(arch, inst.dtype, inst.quant)
         # On CPU the KV cache is exactly the size asked for; the weights live in host memory beside it.
-        lay = Layout(total, math.ceil(total / tp), dep.cpu_kv_cache_bytes, 0, dep.cpu_kv_cache_bytes)
+        per_node = math.ceil(weight_bytes(stage, inst.dtype, inst.quant) / tp)
+        lay = Layout(total, per_node, dep.cpu_kv_cache_bytes, 0, dep.cpu_kv_cache_bytes)
     else:
-        lay = layout(arch, inst.gpu, dep.gpu_memory_utilization, tp, inst.dtype, inst.quant)
-    per_token = kv_bytes(arch, 1, kv_b, tp)
-    longest = longest_sequence(arch, max(lay.budget, 0), kv_b, tp, block)
+        lay = layout(arch, inst.gpu, dep.gpu_memory_utilization, tp, inst.dtype, inst.quant, inst.pp)
+    per_token = kv_bytes(stage, 1, kv_b, tp)
+    longest = longest_sequence(stage, max(lay.budget, 0), kv_b, tp, block)
     if arch.max_position_embeddings:
         longest = min(longest, arch.max_position_embeddings)
     return Room(block, lay, weight_bytes(arch, inst.dtype, inst.quant, active=True), per_token,
                 round_down(max(lay.budget, 0) / per_token, block), longest)
 
 
-def fitting_layout(inst: PlannedInstance, tp: int, quant: str | None, util: float | None = None) -> Layout | None:
-    """The GPU layout at ``tp``, ``quant`` and ``util`` (None: the deployment's) if one sequence fits."""
+def fitting_layout(inst: PlannedInstance, tp: int, quant: str | None, util: float | None = None,
+                   pp: int | None = None) -> Layout | None:
+    """The GPU layout at ``tp``, ``quant``, ``util`` and ``pp`` (None: the deployment's) if one
+    sequence fits."""
     util = inst.dep.gpu_memory_utilization if util is None else util
-    lay = layout(inst.arch, inst.gpu, util, tp, inst.dtype, quant)
-    one_sequence = lay.budget > 0 and lay.budget >= seq_bytes(inst.arch, inst.need, inst.kv_b, tp, GPU_BLOCK_SIZE)
+    pp = inst.pp if pp is None else pp
+    lay = layout(inst.arch, inst.gpu, util, tp, inst.dtype, quant, pp)
+    stage = stage_of(inst.arch, pp)
+    one_sequence = lay.budget > 0 and lay.budget >= seq_bytes(stage, inst.need, inst.kv_b, tp, GPU_BLOCK_SIZE)
     return lay if one_sequence else None

@@ -15,6 +15,7 @@ from roles.plan.instance import (
     fitting_layout,
     round_up,
     seq_bytes,
+    stage_of,
     tokens_in,
     tp_ok,
     weight_dtype,
@@ -36,6 +37,14 @@ def check_inputs(arch: ModelArch, dep: Deployment, where: str) -> FleetConfigErr
         return FleetConfigError(f"{where}`vllm_tensor_parallel_size`", f"must be a positive integer, got {tp!r}.",
                                 "set it to the number of GPUs one instance is split across (1, 2, 4 or 8).")
     # A CPU instance's KV cache is a byte count; the utilization is not used there.
+    pp = dep.pipeline_parallel
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+        return FleetConfigError(f"{where}`pipeline_parallel_size`", f"must be a positive integer, got {pp!r}.",
+                                "set it to the number of hosts the instance spans (one pipeline stage each).")
+    if pp > arch.num_layers:
+        return FleetConfigError(f"{where}`pipeline_parallel_size`",
+                                f"{pp} pipeline stages need at least one of {arch.name}'s {arch.num_layers} layers "
+                                "each.", f"span at most {arch.num_layers} hosts; vLLM refuses more stages than layers.")
     if dep.gpu is not None and not 0 < dep.gpu_memory_utilization <= 1:
         return FleetConfigError(f"{where}`vllm_gpu_memory_utilization`",
                                 f"must be above 0 and at most 1, got {dep.gpu_memory_utilization!r}.",
@@ -138,7 +147,8 @@ def check_max_model_len(inst: PlannedInstance) -> FleetConfigError | None:
 
 
 def alternatives(inst: PlannedInstance) -> list[str]:
-    """Other tensor-parallel sizes and quantizations that would fit: the first of each that does."""
+    """Other tensor-parallel sizes, the fewest hosts one instance could span when no size fits one
+    host, and quantizations that would fit: the first of each that does."""
     arch, kv_b, gpu, out = inst.arch, inst.kv_b, inst.gpu, []
     bigger = [t for t in TP_CHOICES if t > inst.tp and tp_ok(arch, t)]
     if hit := next(((t, alt) for t in bigger if (alt := fitting_layout(inst, t, inst.quant))), None):
@@ -147,7 +157,9 @@ def alternatives(inst: PlannedInstance) -> list[str]:
                 if inst.host_gpus is not None and t > inst.host_gpus else "")
         out.append(f"set {inst.field('vllm_tensor_parallel_size')} to {t} ({gb(alt.weights_per_gpu)} of weights "
                    f"per GPU, leaves {gb(alt.budget)} per GPU for KV cache = "
-                   f"{tokens_in(arch, alt, kv_b, t):,} tokens{host})")
+                   f"{tokens_in(inst.stage, alt, kv_b, t):,} tokens{host})")
+    elif proposal := multi_host_proposal(inst):
+        out.append(proposal)
     if inst.quant is not None or arch.quantization:  # quantizing is offered only for weights not quantized already
         return out
     able = [q for q in QUANTIZATIONS if MIN_CAPABILITY[q] <= gpu.compute_capability]
@@ -157,9 +169,34 @@ def alternatives(inst: PlannedInstance) -> list[str]:
         q, t, alt = hit
         size = gb(alt.weights_total) if t == 1 else f"{gb(alt.weights_total)}, {gb(alt.weights_per_gpu)} per GPU"
         out.append(f"quantize the weights: {q} ({size} at tensor-parallel {t}, leaves "
-                   f"{gb(alt.budget)} per GPU for KV cache = {tokens_in(arch, alt, kv_b, t):,} tokens; "
+                   f"{gb(alt.budget)} per GPU for KV cache = {tokens_in(inst.stage, alt, kv_b, t):,} tokens; "
                    f"{_how(q, gpu)})")
     return out
+
+
+PP_CHOICES = range(2, 9)
+"""Hosts one instance may span (pipeline stages) in a multi-host proposal."""
+
+
+def multi_host_proposal(inst: PlannedInstance) -> str | None:
+    """The fewest hosts of this host's GPUs (all of them tensor-parallel, one pipeline stage per
+    host) that hold one instance, in words; None when the instance spans hosts already, runs on
+    CPU, or no such layout fits."""
+    if inst.gpu is None or inst.pp > 1:
+        return None
+    per_host = inst.host_gpus or max(TP_CHOICES)
+    if not tp_ok(inst.arch, per_host):
+        return None
+    hit = next(((pp, alt) for pp in PP_CHOICES if pp <= inst.arch.num_layers
+                and (alt := fitting_layout(inst, per_host, inst.quant, pp=pp))), None)
+    if hit is None:
+        return None
+    pp, alt = hit
+    stage = stage_of(inst.arch, pp)
+    return (f"span {pp} hosts of {per_host} × {inst.gpu.name} with one instance (`vllm_instance_groups`: "
+            f"tensor-parallel {per_host} in each host, pipeline-parallel {pp} across them, {stage.num_layers} of "
+            f"{inst.arch.num_layers} layers per host): {gb(alt.weights_per_gpu)} of weights per GPU, leaves "
+            f"{gb(alt.budget)} per GPU for KV cache = {tokens_in(stage, alt, inst.kv_b, per_host):,} tokens")
 
 
 def _how(quant: str, gpu: GpuSpec) -> str:
@@ -191,7 +228,7 @@ def refuse_no_room(inst: PlannedInstance, room: Room) -> FleetConfigError | None
 def refuse_kv(inst: PlannedInstance, room: Room) -> FleetConfigError | None:
     """Not even one sequence of max_model_len (one block, when derived) fits in the KV cache."""
     lay, kv_b, gpu = room.lay, inst.kv_b, inst.gpu
-    seq = seq_bytes(inst.arch, inst.need, kv_b, inst.tp, room.block)
+    seq = seq_bytes(inst.stage, inst.need, kv_b, inst.tp, room.block)
     if lay.budget >= seq:
         return None
     what = f"a {inst.need:,}-token sequence" if inst.dep.max_model_len else "one block of tokens"
@@ -206,7 +243,7 @@ def refuse_kv(inst: PlannedInstance, room: Room) -> FleetConfigError | None:
         fixes = alternatives(inst)
         if inst.dep.gpu_memory_utilization < 0.95 and (alt := fitting_layout(inst, inst.tp, inst.quant, 0.95)):
             fixes.append(f"raise {inst.field('vllm_gpu_memory_utilization')} to 0.95 "
-                         f"({tokens_in(inst.arch, alt, kv_b, inst.tp):,} tokens; only if nothing else uses the GPU)")
+                         f"({tokens_in(inst.stage, alt, kv_b, inst.tp):,} tokens; only if nothing else uses the GPU)")
         kv_8bit = "fp8" if gpu.fp8 else "fp8_e5m2" if gpu.compute_capability >= E5M2_KV_CAPABILITY else None
         if kv_b > 1 and kv_8bit:
             fixes.append(f"set {inst.field('vllm_kv_cache_dtype')} to {kv_8bit} (about {kv_b}× the tokens)")
