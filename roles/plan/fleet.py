@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from roles.common import ArtifactFile, endpoint, sha256_file
 from roles.errors import FleetConfigError
-from roles.plan import alerts, artifacts, consistency, dashboard, setting_checks, settings, status
+from roles.plan import alerts, artifacts, consistency, dashboard, groups, setting_checks, settings, status
 from roles.plan.artifacts import CACHE_GROUP, CachePlan
 from roles.plan.capacity import TP_CHOICES, Deployment, Fit, fits, plan_capacity
 from roles.plan.edge import EdgePlan, plan_fleet_edge
@@ -25,6 +25,7 @@ from roles.plan.fallback import Provider, plan_provider
 from roles.plan.firewall import FirewallPlan, for_fleet, peer_addresses
 from roles.plan.gpus import GpuSpec, gpu_spec
 from roles.plan.grafana import GRAFANA_GROUP, GrafanaPlan, plan_grafana
+from roles.plan.groups import GroupEntry, GroupNode
 from roles.plan.metrics import check_release_metrics
 from roles.plan.model import ModelArch
 from roles.plan.monitoring import MonitorPlan, plan_monitoring
@@ -82,9 +83,15 @@ class Instance:
     port: int
     settings: Mapping[str, Any]  # effective per-instance settings, by full name
     fit: Fit | None = None  # capacity plan: checked or derived tensor-parallel, lengths, KV cache
+    node: GroupNode | None = None  # the host's stage when the instance spans hosts (vllm_instance_groups)
 
     def get(self, name: str) -> Any:
         return self.settings[name]
+
+    @property
+    def serves(self) -> bool:
+        """Takes requests: every instance but a multi-host instance's followers (they run workers only)."""
+        return self.node is None or self.node.leads
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,13 @@ class FleetPlan:
     @property
     def upstreams(self) -> list[str]:
         """Every instance of the fleet as nginx addresses it: the load balancer's upstream."""
-        return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances]
+        return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances if i.serves]
 
     @property
     def instance_endpoints(self) -> dict[str, str]:
         """HOST:INSTANCE, as the rollout report names an instance, -> where nginx reaches it."""
-        return {f"{h.name}:{i.name}": endpoint(h.address, i.port) for h in self.hosts for i in h.instances}
+        return {f"{h.name}:{i.name}": endpoint(h.address, i.port) for h in self.hosts for i in h.instances
+                if i.serves}
 
     def host(self, name: str) -> HostPlan | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -211,7 +219,13 @@ def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model
 
 # ---- instances ------------------------------------------------------------------------------------
 
-def plan_instances(host_name: str, data: Mapping[str, Any]) -> tuple[Instance, ...]:
+def plan_instances(host_name: str, data: Mapping[str, Any], group: GroupEntry | None = None) -> tuple[Instance, ...]:
+    """The host's instances: its vllm_instances, or the one instance of its group's stage."""
+    if group is not None:
+        setting_checks.check_instance_entry(host_name, 0, group.instance_entry)
+        entry = group.instance_entry
+        effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
+        return (Instance(name=group.name, port=group.port, settings=effective),)
     entries = data.get("vllm_instances")
     if not entries:
         raise FleetConfigError(f"host {host_name}: vllm_instances", "no instances are declared.",
@@ -286,19 +300,23 @@ def model_arch(host_name: str, data: Mapping[str, Any], model: Model, base_dir: 
 
 
 def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Instance,
-                 host_gpus: int | None) -> Fit:
-    """Check the instance's settings against the model and hardware, deriving what is unset."""
+                 host_gpus: int | None, pp: int = 1) -> Fit:
+    """Check the instance's settings against the model and hardware, deriving what is unset; ``pp``:
+    the hosts it spans (one pipeline stage each)."""
     def deployment(tp: int) -> Deployment:
-        return Deployment(gpu=gpu, gpus_per_instance=tp, weight_dtype=inst.get("vllm_dtype"),
+        return Deployment(gpu=gpu, gpus_per_instance=tp, pipeline_parallel=pp, weight_dtype=inst.get("vllm_dtype"),
                           quantization=inst.get("vllm_quantization"), kv_cache_dtype=inst.get("vllm_kv_cache_dtype"),
                           gpu_memory_utilization=inst.get("vllm_gpu_memory_utilization"),
                           max_model_len=inst.get("vllm_max_model_len"), max_num_seqs=inst.get("vllm_max_num_seqs"),
                           cpu_kv_cache_bytes=inst.get("vllm_kv_cache_bytes"))
 
-    where = f"host {host_name}: instance {inst.name}: "
+    where = f"instance group {inst.name}: host {host_name}: " if pp > 1 else f"host {host_name}: instance {inst.name}: "
     tp = inst.get("vllm_tensor_parallel_size")
     if tp is not None or gpu is None:
         return plan_capacity(arch, deployment(tp or 1), host_gpus, where=where)
+    if pp > 1 and host_gpus:
+        # A host of an instance group runs one stage and nothing else: on all of its GPUs.
+        return plan_capacity(arch, deployment(host_gpus), host_gpus, where=where)
     # Unset on a GPU host: the smallest size that fits. If none does, tensor-parallel 1's refusal
     # carries the arithmetic and the ways out.
     for size in TP_CHOICES:
@@ -311,7 +329,9 @@ def instance_fit(host_name: str, arch: ModelArch, gpu: GpuSpec | None, inst: Ins
 
 # ---- the whole fleet ---------------------------------------------------------------------------------
 
-def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) -> HostPlan:
+def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT,
+              group: GroupEntry | None = None) -> HostPlan:
+    """One host's plan; ``group``: the instance group the host runs a stage of, if any."""
     setting_checks.check_host_data(name, data)
     releases_dir = base_dir / settings.value(data, "vllm_releases_dir")
     if not releases_dir.is_dir():
@@ -348,7 +368,9 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
     model = plan_model(name, data, base_dir)
     arch = model_arch(name, data, model, base_dir)
     host_gpus = data.get("vllm_gpu_count")
-    instances = tuple(replace(i, fit=instance_fit(name, arch, gpu, i, host_gpus)) for i in plan_instances(name, data))
+    pp = len(group.hosts) if group else 1
+    instances = tuple(replace(i, fit=instance_fit(name, arch, gpu, i, host_gpus, pp))
+                      for i in plan_instances(name, data, group))
     for inst in instances:
         consistency.check_extra_args(f"host {name}: instance {inst.name}: ", inst.get("vllm_extra_args"))
     consistency.check_gpus(name, instances, host_gpus)
@@ -360,7 +382,11 @@ def plan_host(name: str, data: Mapping[str, Any], base_dir: Path = REPO_ROOT) ->
 def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterable[str],
                base_dir: Path = REPO_ROOT) -> FleetPlan:
     """Plan every host; ``base_dir`` is what relative paths in the inventory are relative to."""
-    plans = tuple(plan_host(n, d, base_dir) for n, d in hosts)
+    hosts = list(hosts)
+    entries = groups.group_entries(hosts)
+    stage_of = groups.stages(entries)
+    plans = with_group_nodes(tuple(plan_host(n, d, base_dir, stage_of.get(n, (None,))[0]) for n, d in hosts),
+                             entries)
     if not plans:
         raise FleetConfigError(f"inventory group `{VLLM_GROUP}`", "has no hosts.",
                                f"put the vLLM hosts in a group named `{VLLM_GROUP}`.")
@@ -370,6 +396,21 @@ def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterabl
                                f"put the load balancer host(s) in a group named `{LB_GROUP}`.")
     consistency.check_fleet(plans, lb)
     return FleetPlan(hosts=plans, lb_hosts=lb, served_model_name=plans[0].model.served_name)
+
+
+def with_group_nodes(plans: tuple[HostPlan, ...], entries: tuple[GroupEntry, ...]) -> tuple[HostPlan, ...]:
+    """``plans`` with each grouped host's instance told its stage, and the leader's fit the group's
+    interconnect warning."""
+    nodes = groups.group_nodes(plans, entries)
+
+    def staged(host: HostPlan, inst: Instance) -> Instance:
+        node = nodes[host.name]
+        warning = groups.interconnect_warning(node, host.accelerator) if node.leads else None
+        fit = replace(inst.fit, warnings=inst.fit.warnings + (warning,)) if warning else inst.fit
+        return replace(inst, node=node, fit=fit)
+
+    return tuple(replace(h, instances=tuple(staged(h, i) for i in h.instances)) if h.name in nodes else h
+                 for h in plans)
 
 
 def check_run_limit(plan: FleetPlan, hosts_in_run: Iterable[str] | None) -> None:
@@ -406,6 +447,7 @@ def plan_inventory(inventory, with_edge: bool = True, with_cache: bool = True) -
                                     [h.name for h in inventory.get_group(CACHE_GROUP, default=[])])
     if not with_edge:
         return plan
+    groups.check_deployable(i.node for h in plan.hosts for i in h.instances)
     return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
                                    [(h.name, h.data.dict()) for h in inventory], Path.cwd(),
                                    [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])],

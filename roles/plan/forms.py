@@ -117,5 +117,9 @@ TASK_ROUTE = Form(f"one of vLLM's OpenAI task routes: {', '.join(TASK_ROUTES)}",
                   lambda text: text in TASK_ROUTES)
 ENGINE_ARG = Form("one vLLM argument without whitespace (systemd splits the flags at whitespace), "
                   "e.g. '--seed' and '7' as two elements", "--seed", _engine_arg)
+NET_INTERFACE = Form("a network interface name: 1 to 15 letters, digits and ._- (as `ip link` shows it)", "eth0",
+                     _pattern(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,14}"))
+RDMA_DEVICE = Form("an RDMA adapter name as `ibv_devices` shows it (letters, digits and _-, optionally :PORT)",
+                   "mlx5_0", _pattern(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}(:[0-9]{1,2})?"))
 INSTANCE_NAME = Form("1 to 32 lower-case letters, digits and '-', starting with a letter or digit "
                      "(it names the unit vllm@NAME)", "chat-1", _pattern(r"[a-z0-9][a-z0-9-]{0,31}"))

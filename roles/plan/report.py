@@ -19,7 +19,9 @@ def instance_row(host: HostPlan, inst: Instance) -> list[str]:
     hardware = f"{fit.tensor_parallel}x {host.gpu.name}" if host.gpu else "cpu"
     quant = fit.quantization or fit.weight_dtype
     budget = gb(fit.budget_bytes_per_gpu) + ("!" if fit.warnings else "")
-    return [host.name, inst.name, hardware, quant, gb(fit.weight_bytes_per_gpu), budget,
+    # A multi-host instance shows once per host, with the host's pipeline stage.
+    name = inst.name if inst.node is None else f"{inst.name} {inst.node.rank + 1}/{inst.node.nnodes}"
+    return [host.name, name, hardware, quant, gb(fit.weight_bytes_per_gpu), budget,
             f"{fit.kv_tokens:,}", _flag(inst, "vllm_max_model_len", fit.max_model_len),
             f"{fit.max_concurrent_seqs:,}", _flag(inst, "vllm_max_num_seqs", fit.max_num_seqs),
             _speed(fit.decode_ceiling_weights_only_tokens_per_s), _speed(fit.decode_ceiling_tokens_per_s)]
@@ -36,7 +38,7 @@ def cost_lines(plan: FleetPlan) -> list[str]:
     if not price or not rate:
         return ["cost: set vllm_gpu_hour_price and vllm_tokens_per_s (measured or assumed) to see it."]
     gpus = sum(i.fit.tensor_parallel for h in plan.hosts for i in h.instances)
-    instances = sum(len(h.instances) for h in plan.hosts)
+    instances = sum(i.serves for h in plan.hosts for i in h.instances)  # a multi-host instance counts once
     hourly, tokens_per_s = price * gpus, rate * instances
     lines = [f"cost: {gpus} GPU(s) at {price:g}/h, {instances} instance(s) at {rate:,.0f} tok/s each: "
              f"{cost_per_million_tokens(hourly, tokens_per_s):.3f} per million tokens at full load"]
@@ -67,7 +69,7 @@ def render(plan: FleetPlan) -> str:
     notes = sorted({f"{h.name}/{i.name}: {n}" for h in plan.hosts for i in h.instances for n in i.fit.notes})
     legend = ["* derived by the plan (unset in the inventory)"]
     if warnings:
-        legend.append("! tight fit: see the WARNING lines above")
+        legend.append("! warned about (a tight fit, an instance group without RDMA): see the WARNING lines above")
     legend += ["decode ceilings: one stream, memory bandwidth over the bytes read per token: the weights alone, "
                "and the weights plus one max-length sequence's KV cache",
                f"KV budget/GPU: memory × utilization − weights − reserve; the reserve: {RESERVE_REASON}"]

@@ -31,9 +31,11 @@ from roles.plan.forms import (
     INSTANCE_NAME,
     IP_ADDRESS,
     IP_NETWORK,
+    NET_INTERFACE,
     NGINX_SIZE,
     POSIX_USER,
     PYTHON,
+    RDMA_DEVICE,
     RELATIVE_OR_ABSOLUTE_PATH,
     RELEASE_NAME,
     SERVED_NAME,
@@ -103,6 +105,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_instances", list, None,
             "Instances on this host: a list of {name, port, <per-instance overrides>} (required); name: "
             "lower-case letters, digits and '-'; port: 1024 to 65535 (instances run unprivileged)."),
+    Setting("vllm_instance_groups", list, None,
+            "Instances that span hosts (one vLLM instance over several, when a model fits no one host): a list "
+            "of {name, hosts, port, master_port, <per-instance overrides>}; hosts: the group's vllm hosts, the "
+            "first leads (nginx sends it the traffic), each runs one pipeline stage tensor-parallel over its "
+            "GPUs; master_port: the leader's rendezvous port (default 29500), open to the group's hosts only. "
+            "The same list on every host (group data); a host in a group has no vllm_instances."),
+    Setting("vllm_group_interface", str, None,
+            "Network interface an instance group's collective traffic leaves this host by (GLOO_SOCKET_IFNAME, "
+            "NCCL_SOCKET_IFNAME); unset: the interface holding the host's address.", form=NET_INTERFACE),
+    Setting("vllm_group_rdma_devices", list, None,
+            "InfiniBand/RoCE adapters NCCL uses between the hosts of an instance group (NCCL_IB_HCA), e.g. "
+            "[mlx5_0, mlx5_1]; unset: TCP sockets only, and the plan warns.", item=str, form=RDMA_DEVICE),
     Setting("vllm_hub_download", str, "cache",
             "Where a hub model is downloaded: cache (once, on the artifact cache host; every host pulls it from "
             "there), control (once, on the control node, then sent to the cache), or hosts (every host from "
