@@ -221,8 +221,7 @@ def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model
 
 def plan_instances(host_name: str, data: Mapping[str, Any], group: GroupEntry | None = None) -> tuple[Instance, ...]:
     """The host's instances: its vllm_instances, or the one instance of its group's stage."""
-    if group is not None:
-        setting_checks.check_instance_entry(host_name, 0, group.instance_entry)
+    if group is not None:  # its entry was checked with the fleet's groups
         entry = group.instance_entry
         effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
         return (Instance(name=group.name, port=group.port, settings=effective),)
@@ -384,9 +383,8 @@ def plan_fleet(hosts: Iterable[tuple[str, Mapping[str, Any]]], lb_hosts: Iterabl
     """Plan every host; ``base_dir`` is what relative paths in the inventory are relative to."""
     hosts = list(hosts)
     entries = groups.group_entries(hosts)
-    stage_of = groups.stages(entries)
-    plans = with_group_nodes(tuple(plan_host(n, d, base_dir, stage_of.get(n, (None,))[0]) for n, d in hosts),
-                             entries)
+    group_of = groups.group_of(entries)
+    plans = with_group_nodes(tuple(plan_host(n, d, base_dir, group_of.get(n)) for n, d in hosts), entries)
     if not plans:
         raise FleetConfigError(f"inventory group `{VLLM_GROUP}`", "has no hosts.",
                                f"put the vLLM hosts in a group named `{VLLM_GROUP}`.")

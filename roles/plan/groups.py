@@ -136,6 +136,8 @@ def _entry(index: int, entry: Any, known: list[str]) -> GroupEntry:
         raise FleetConfigError(f"{where}: `master_port`", f"is the group's API port {port} too.",
                                f"give the rendezvous its own port (default {DEFAULT_MASTER_PORT}).")
     overrides = {k: v for k, v in entry.items() if k not in GROUP_KEYS}
+    for key, value in overrides.items():
+        setting_checks.check_override(f"{where}: `{key}`", key, value)
     return GroupEntry(name, tuple(members), port, master_port, overrides)
 
 
@@ -175,9 +177,9 @@ def _check_one_gpu_type(entries: tuple[GroupEntry, ...], data: Mapping[str, Mapp
                                    "if its stage fits at all.")
 
 
-def stages(entries: tuple[GroupEntry, ...]) -> dict[str, tuple[GroupEntry, int]]:
-    """Each grouped host's group and pipeline stage (its rank)."""
-    return {host: (entry, rank) for entry in entries for rank, host in enumerate(entry.hosts)}
+def group_of(entries: tuple[GroupEntry, ...]) -> dict[str, GroupEntry]:
+    """Each grouped host's group."""
+    return {host: entry for entry in entries for host in entry.hosts}
 
 
 def group_nodes(plans: tuple[HostPlan, ...], entries: tuple[GroupEntry, ...]) -> dict[str, GroupNode]:

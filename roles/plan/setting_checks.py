@@ -85,6 +85,11 @@ def check_host_data(host_name: str, data: Mapping[str, Any]) -> None:
         _check_value(f"host {host_name}: `{key}`", setting, value)
 
 
+def check_override(field: str, key: str, value: Any) -> None:
+    """Refuse a bad value of per-instance setting ``key`` (its short name), as ``field``."""
+    _check_value(field, PER_INSTANCE[key], value)
+
+
 def check_instance_entry(host_name: str, index: int, entry: Any) -> None:
     """Refuse an instance entry that is not a mapping, holds unknown keys or bad values, or lacks
     a name or port."""

@@ -161,6 +161,8 @@ def test_a_tensor_parallel_size_that_splits_heads_unevenly_is_refused_in_the_gro
      "instance group big: `master_port`: is the group's API port 8000 too."),
     ({"vllm_instance_groups": [{"name": "big", "hosts": ["gpu1", "gpu2"], "port": 8000, "stages": 2}]},
      "instance group big: `stages`: is not a key of an instance group."),
+    ({"vllm_instance_groups": [{"name": "big", "hosts": ["gpu1", "gpu2"], "port": 8000, "max_model_len": -1}]},
+     "instance group big: `max_model_len`: "),
     ({"vllm_instance_groups": [{"name": "Big!", "hosts": ["gpu1", "gpu2"], "port": 8000}]},
      "`vllm_instance_groups`[0].name: 'Big!' is not"),
 ])
