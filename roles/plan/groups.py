@@ -21,7 +21,7 @@ Why the rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from roles.errors import FleetConfigError
 from roles.plan import setting_checks, settings
@@ -167,14 +167,19 @@ def _check_one_gpu_type(entries: tuple[GroupEntry, ...], data: Mapping[str, Mapp
         return data[host].get("vllm_gpu_type") or "an unnamed GPU"
 
     for entry in entries:
-        leader = entry.hosts[0]
-        if differing := [h for h in entry.hosts if hardware(h) != hardware(leader)]:
-            raise FleetConfigError(f"instance group {entry.name}: `hosts`",
-                                   f"GPU type differs: {leader} has {hardware(leader)}, {differing[0]} has "
-                                   f"{hardware(differing[0])}.",
-                                   "put hosts of one GPU type in a group: vLLM gives every pipeline stage the same "
-                                   "number of layers, so the pipeline would run at the pace of the smaller GPU, "
-                                   "if its stage fits at all.")
+        _check_same(entry, "GPU type", hardware,
+                    "put hosts of one GPU type in a group: vLLM gives every pipeline stage the same number of "
+                    "layers, so the pipeline would run at the pace of the smaller GPU, if its stage fits at all.")
+
+
+def _check_same(entry: GroupEntry, what: str, value: Callable[[str], str], fix: str) -> None:
+    """Refuse ``entry`` when its hosts differ in ``what`` (``value`` of a host's name), naming the
+    leader's and the first other host's."""
+    leader = entry.hosts[0]
+    if differing := [h for h in entry.hosts if value(h) != value(leader)]:
+        raise FleetConfigError(f"instance group {entry.name}: `hosts`",
+                               f"{what} differs: {leader} has {value(leader)}, {differing[0]} has "
+                               f"{value(differing[0])}.", fix)
 
 
 def group_of(entries: tuple[GroupEntry, ...]) -> dict[str, GroupEntry]:
@@ -189,24 +194,17 @@ def group_nodes(plans: tuple[HostPlan, ...], entries: tuple[GroupEntry, ...]) ->
     nodes = {}
     for entry in entries:
         members = [by_name[h] for h in entry.hosts]
-        _check_alike(entry, members)
+        # One release and one model per group (its GPU type was checked before planning).
+        _check_same(entry, "release", lambda h: by_name[h].release.name,
+                    "pin one release for every host of the group (group data).")
+        _check_same(entry, "model", lambda h: by_name[h].model.digest,
+                    "pin one model for every host of the group (group data).")
         addresses = tuple(h.address for h in members)
         for rank, host in enumerate(members):
             nodes[host.name] = GroupNode(entry.name, rank, entry.hosts, addresses, entry.master_port,
                                          host.get("vllm_group_interface"),
                                          tuple(host.get("vllm_group_rdma_devices") or ()))
     return nodes
-
-
-def _check_alike(entry: GroupEntry, members: list[HostPlan]) -> None:
-    """One release and one model over the group's hosts (their GPU type is checked before planning)."""
-    leader = members[0]
-    for what, of in (("release", lambda h: h.release.name), ("model", lambda h: h.model.digest)):
-        if differing := [h for h in members if of(h) != of(leader)]:
-            other = differing[0]
-            raise FleetConfigError(f"instance group {entry.name}: `hosts`",
-                                   f"{what} differs: {leader.name} has {of(leader)}, {other.name} has {of(other)}.",
-                                   f"pin one {what} for every host of the group (group data).")
 
 
 def check_deployable(nodes: Iterable[GroupNode | None]) -> None:

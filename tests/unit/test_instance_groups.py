@@ -195,3 +195,12 @@ def test_the_plan_table_shows_each_hosts_stage(tmp_path):
     assert [r[:5] for r in rows] == [["gpu1", "llama405", "1/2", "8x", "h100-sxm"],
                                      ["gpu2", "llama405", "2/2", "8x", "h100-sxm"]]
     assert "WARNING gpu1/llama405: instance group llama405: no RDMA adapters declared" in result.stdout
+
+
+def test_a_group_whose_hosts_pin_different_releases_is_refused(host_data):
+    group = [{"name": "tiny", "hosts": ["lab1", "lab2"], "port": 8001}]
+    hosts = [("lab1", host_data(vllm_instances=None, vllm_instance_groups=group, ssh_hostname="10.9.0.11")),
+             ("lab2", host_data(vllm_instances=None, vllm_instance_groups=group, ssh_hostname="10.9.0.12",
+                                vllm_release="cpu-vllm-0.32.0-tf5.18"))]
+    assert refusal(hosts) == ("instance group tiny: `hosts`: release differs: lab1 has cpu-vllm-0.32.0, lab2 has "
+                              "cpu-vllm-0.32.0-tf5.18. Fix: pin one release for every host of the group (group data).")
