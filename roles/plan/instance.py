@@ -114,12 +114,20 @@ def stage_of(arch: ModelArch, pp: int) -> ModelArch:
                    sliding_window_layers=tuple(i for i in arch.sliding_window_layers if i < layers))
 
 
-def layout(arch: ModelArch, gpu: GpuSpec, util: float, tp: int, dtype: str, quant: str | None,
-           pp: int = 1) -> Layout:
-    total = weight_bytes(arch, dtype, quant)
-    per_gpu = math.ceil((total if pp == 1 else weight_bytes(stage_of(arch, pp), dtype, quant)) / tp)
+def stage_weights_per_gpu(stage: ModelArch, dtype: str, quant: str | None, tp: int) -> int:
+    """Weight bytes each of a stage's ``tp`` GPUs (or a CPU host) holds: tensor parallelism splits
+    them evenly."""
+    return math.ceil(weight_bytes(stage, dtype, quant) / tp)
+
+
+def layout(arch: ModelArch, stage: ModelArch, gpu: GpuSpec, util: float, tp: int, dtype: str,
+           quant: str | None) -> Layout:
+    """Memory per GPU of ``arch`` when each GPU holds its part of ``stage`` (``arch`` itself
+    without pipeline parallelism)."""
+    per_gpu = stage_weights_per_gpu(stage, dtype, quant, tp)
     usable = int(gpu.memory_bytes * util)
-    return Layout(total, per_gpu, usable, RESERVE_BYTES_PER_GPU, usable - per_gpu - RESERVE_BYTES_PER_GPU)
+    return Layout(weight_bytes(arch, dtype, quant), per_gpu, usable, RESERVE_BYTES_PER_GPU,
+                  usable - per_gpu - RESERVE_BYTES_PER_GPU)
 
 
 def tp_ok(arch: ModelArch, tp: int) -> bool:
@@ -152,7 +160,6 @@ class PlannedInstance:
     host_gpus: int | None
     where: str
     tp: int
-    pp: int
     stage: ModelArch
     gpu: GpuSpec | None
     dtype: str  # vllm_dtype, `auto` resolved
@@ -173,8 +180,8 @@ def resolve(arch: ModelArch, dep: Deployment, host_gpus: int | None, where: str)
         quant = arch.quantization  # a pre-quantized checkpoint is served in its own format
     need = dep.max_model_len or GPU_BLOCK_SIZE  # a derived length needs at least one block
     dtype = weight_dtype(arch, dep)
-    return PlannedInstance(arch, dep, host_gpus, where, dep.gpus_per_instance, dep.pipeline_parallel,
-                           stage_of(arch, dep.pipeline_parallel), dep.gpu, dtype, quant,
+    return PlannedInstance(arch, dep, host_gpus, where, dep.gpus_per_instance, stage_of(arch, dep.pipeline_parallel),
+                           dep.gpu, dtype, quant,
                            kv_dtype_bytes(dep.kv_cache_dtype, dtype), need)
 
 
@@ -193,12 +200,12 @@ def room(inst: PlannedInstance) -> Room:
     arch, stage, dep, tp, kv_b = inst.arch, inst.stage, inst.dep, inst.tp, inst.kv_b
     block = CPU_BLOCK_SIZE if inst.gpu is None else GPU_BLOCK_SIZE
     if inst.gpu is None:
-        total = weight_bytes(arch, inst.dtype, inst.quant)
         # On CPU the KV cache is exactly the size asked for; the weights live in host memory beside it.
-        per_node = math.ceil(weight_bytes(stage, inst.dtype, inst.quant) / tp)
-        lay = Layout(total, per_node, dep.cpu_kv_cache_bytes, 0, dep.cpu_kv_cache_bytes)
+        per_host = stage_weights_per_gpu(stage, inst.dtype, inst.quant, tp)
+        lay = Layout(weight_bytes(arch, inst.dtype, inst.quant), per_host, dep.cpu_kv_cache_bytes, 0,
+                     dep.cpu_kv_cache_bytes)
     else:
-        lay = layout(arch, inst.gpu, dep.gpu_memory_utilization, tp, inst.dtype, inst.quant, inst.pp)
+        lay = layout(arch, stage, inst.gpu, dep.gpu_memory_utilization, tp, inst.dtype, inst.quant)
     per_token = kv_bytes(stage, 1, kv_b, tp)
     longest = longest_sequence(stage, max(lay.budget, 0), kv_b, tp, block)
     if arch.max_position_embeddings:
@@ -212,8 +219,7 @@ def fitting_layout(inst: PlannedInstance, tp: int, quant: str | None, util: floa
     """The GPU layout at ``tp``, ``quant``, ``util`` and ``pp`` (None: the deployment's) if one
     sequence fits."""
     util = inst.dep.gpu_memory_utilization if util is None else util
-    pp = inst.pp if pp is None else pp
-    lay = layout(inst.arch, inst.gpu, util, tp, inst.dtype, quant, pp)
-    stage = stage_of(inst.arch, pp)
+    stage = inst.stage if pp is None else stage_of(inst.arch, pp)
+    lay = layout(inst.arch, stage, inst.gpu, util, tp, inst.dtype, quant)
     one_sequence = lay.budget > 0 and lay.budget >= seq_bytes(stage, inst.need, inst.kv_b, tp, GPU_BLOCK_SIZE)
     return lay if one_sequence else None

@@ -36,7 +36,6 @@ def check_inputs(arch: ModelArch, dep: Deployment, where: str) -> FleetConfigErr
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         return FleetConfigError(f"{where}`vllm_tensor_parallel_size`", f"must be a positive integer, got {tp!r}.",
                                 "set it to the number of GPUs one instance is split across (1, 2, 4 or 8).")
-    # A CPU instance's KV cache is a byte count; the utilization is not used there.
     pp = dep.pipeline_parallel
     if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
         return FleetConfigError(f"{where}`pipeline_parallel_size`", f"must be a positive integer, got {pp!r}.",
@@ -45,6 +44,7 @@ def check_inputs(arch: ModelArch, dep: Deployment, where: str) -> FleetConfigErr
         return FleetConfigError(f"{where}`pipeline_parallel_size`",
                                 f"{pp} pipeline stages need at least one of {arch.name}'s {arch.num_layers} layers "
                                 "each.", f"span at most {arch.num_layers} hosts; vLLM refuses more stages than layers.")
+    # A CPU instance's KV cache is a byte count; the utilization is not used there.
     if dep.gpu is not None and not 0 < dep.gpu_memory_utilization <= 1:
         return FleetConfigError(f"{where}`vllm_gpu_memory_utilization`",
                                 f"must be above 0 and at most 1, got {dep.gpu_memory_utilization!r}.",
@@ -182,7 +182,7 @@ def multi_host_proposal(inst: PlannedInstance) -> str | None:
     """The fewest hosts of this host's GPUs (all of them tensor-parallel, one pipeline stage per
     host) that hold one instance, in words; None when the instance spans hosts already, runs on
     CPU, or no such layout fits."""
-    if inst.gpu is None or inst.pp > 1:
+    if inst.gpu is None or inst.dep.pipeline_parallel > 1:
         return None
     per_host = inst.host_gpus or max(TP_CHOICES)
     if not tp_ok(inst.arch, per_host):
