@@ -222,9 +222,7 @@ def plan_model(host_name: str, data: Mapping[str, Any], base_dir: Path) -> Model
 def plan_instances(host_name: str, data: Mapping[str, Any], group: GroupEntry | None = None) -> tuple[Instance, ...]:
     """The host's instances: its vllm_instances, or the one instance of its group's stage."""
     if group is not None:  # its entry was checked with the fleet's groups
-        entry = group.instance_entry
-        effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
-        return (Instance(name=group.name, port=group.port, settings=effective),)
+        return (_instance(data, group.instance_entry),)
     entries = data.get("vllm_instances")
     if not entries:
         raise FleetConfigError(f"host {host_name}: vllm_instances", "no instances are declared.",
@@ -242,9 +240,14 @@ def plan_instances(host_name: str, data: Mapping[str, Any], group: GroupEntry | 
                                    f"port {port} is already used by instance {seen_ports[port]!r} on this host.",
                                    "give every instance on a host its own port.")
         seen_names[name], seen_ports[port] = index, name
-        effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
-        instances.append(Instance(name=name, port=port, settings=effective))
+        instances.append(_instance(data, entry))
     return tuple(instances)
+
+
+def _instance(data: Mapping[str, Any], entry: Mapping[str, Any]) -> Instance:
+    """The instance a checked entry describes, with every per-instance setting resolved."""
+    effective = {s.name: settings.value(data, s.name, entry) for s in settings.SETTINGS if s.per_instance}
+    return Instance(name=entry["name"], port=entry["port"], settings=effective)
 
 
 def auto_gpus(instances: Iterable[Instance]) -> dict[str, list[int]]:
