@@ -134,6 +134,13 @@ def ssh(host: str, command: str, check: bool = True, stdin: str | None = None) -
     return proc.stdout.strip()
 
 
+def vllm_journal(host: str, since: float, lines: int = 60) -> str:
+    """The last ``lines`` of the host's vLLM units' journal since ``since`` (time.time()): what a
+    failing load test prints, so that an instance that died under it says why."""
+    return ssh(host, f"journalctl -q --no-pager -o short-precise -u 'vllm@*' --since @{int(since)} "
+                     f"| tail -n {lines}", check=False)
+
+
 @dataclass
 class Load:
     """A bounded load through the load balancer, over TLS with a client key (the lab client's

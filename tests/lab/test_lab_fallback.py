@@ -31,7 +31,7 @@ from roles import cli
 from roles.lab import provider as lab_provider
 from roles.lab.config import veth_name
 from roles.plan.fallback import FALLBACK_KEY_FILE
-from tests.lab.labkit import Deploy, Load, Result, deployed_lab, key_leaks, run_deploy, ssh
+from tests.lab.labkit import Deploy, Load, Result, deployed_lab, key_leaks, run_deploy, ssh, vllm_journal
 
 pytestmark = pytest.mark.lab
 
@@ -126,6 +126,7 @@ def test_every_instance_stopped_the_provider_answers_and_only_what_they_had_fail
     key = (cli.lab_secrets() / FALLBACK_KEY_FILE).read_text().strip()
     assert key not in deployed.output
     assert key_leaks(lab["hosts"][0]["name"], [key], journal=True) == []
+    load_began = time.time()
     with Load(edge, sdk=True, workers=2, pause=0.2, max_requests=2000, max_seconds=600) as load:
         time.sleep(8)
         stopped_at = time.monotonic()
@@ -152,7 +153,9 @@ def test_every_instance_stopped_the_provider_answers_and_only_what_they_had_fail
           f"instances healthy {healthy_at - started_at:.1f}s after their start, first fleet answer "
           f"{returned - started_at:.1f}s after it; {len(in_flight)} requests in flight during the stop; failed: "
           f"{sorted({r.detail for r in failed})[:3]}")
-    assert set(failed) <= set(in_flight) and len(failed) <= load.workers
+    assert set(failed) <= set(in_flight) and len(failed) <= load.workers, "\n".join(
+        f"{h['name']}'s vLLM journal since the load began:\n{vllm_journal(h['name'], load_began)}"
+        for h in lab["hosts"])
     assert down and all(r.model == lab_provider.MODEL for r in down)
     assert back and all(r.model == FLEET_MODEL for r in back)
 
