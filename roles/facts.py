@@ -126,3 +126,18 @@ class FileSizes(FactBase):
 
     def process(self, output: list[str]) -> dict[str, int]:
         return {path: int(size) for size, path in (line.split(" ", 1) for line in output if " " in line)}
+
+
+class LocalPortRange(FactBase):
+    """The range the kernel picks ephemeral ports from (net.ipv4.ip_local_port_range, which IPv6
+    uses too): (low, high), or None where it cannot be read."""
+
+    def command(self) -> str:
+        return "cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> tuple[int, int] | None:
+        words = " ".join(output).split()  # "32768\t60999"
+        if len(words) != 2 or not all(word.isdigit() for word in words):
+            return None
+        low, high = map(int, words)
+        return (low, high) if 1 <= low <= high <= 65535 else None

@@ -2,7 +2,8 @@
 in from the load balancers only, keeps SSH open and drops whatever else comes in.
 
 What is open is planned from the inventory (``roles.plan.firewall``); the SSH ports the host's
-sshd listens on are added from the host itself, so the firewall never locks the operator out.
+sshd listens on are added from the host itself, so the firewall never locks the operator out, and
+so is an instance group's ephemeral port range (the kernel's, which the operator may have moved).
 New rules are checked with ``nft -c`` before they replace the rules file, so a bad render never
 reaches the running ruleset, and are applied only when the rules or the unit changed (or the
 table is missing from the running ruleset). With ``firewall_enabled: false`` the role takes the
@@ -20,6 +21,7 @@ from pyinfra.operations import files, server, systemd
 
 from roles import paths
 from roles.checked_files import checked_file
+from roles.facts import LocalPortRange
 from roles.plan.firewall import TABLE, FirewallPlan
 from roles.platform import install_packages
 
@@ -92,6 +94,10 @@ def host_firewall(plan: FirewallPlan | None):
         _remove()
         return
     plan = plan.with_ssh_ports(host.get_fact(SshPorts))
+    # An instance group's gloo, NCCL and ZMQ sockets listen on ports the kernel picks from this
+    # host's ephemeral range: open that one, not the Linux default the plan assumed.
+    if plan.group is not None and (local_ports := host.get_fact(LocalPortRange)) is not None:
+        plan = plan.with_local_port_range(*local_ports)
     install_packages("Install nftables", ["nftables"])
     files.directory(name="Directory of the firewall rules", path=paths.FIREWALL_RULES.rsplit("/", 1)[0])
     rules = checked_file(name="Render the firewall rules (checked with nft -c first)", text=render_rules(plan),

@@ -12,6 +12,7 @@ import select
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -349,20 +350,26 @@ print(json.dumps(results))
 """
 
 
-def test_packets_from_the_load_balancer_reach_an_instance_and_others_do_not(tmp_path):
-    """Two namespaces joined by a veth pair: the host (rules loaded, listeners on every port
-    that matters) and a peer holding a load balancer's addresses and others. Nothing leaves
-    them; both are deleted at the end."""
-    _kernel_or_skip()
-    ipv6 = Path("/proc/sys/net/ipv6").is_dir()
+IPV6 = Path("/proc/sys/net/ipv6").is_dir()
+
+
+@contextmanager
+def _host_and_peer(rules: Path, peer_ips: list[str], listening: list[int]):
+    """Two namespaces joined by a veth pair: the host (192.0.2.1, 2001:db8::1; ``rules`` loaded,
+    listeners on ``listening``) and a peer holding ``peer_ips``. Yields ``connect(cases)``, which
+    tries each (source, target, port) from the peer and tells "open", "dropped" or the error, and
+    the host namespace's name. Nothing leaves them; both are deleted at the end."""
     host_ns, peer_ns = f"vfl-fwtest-{os.getpid()}-host", f"vfl-fwtest-{os.getpid()}-peer"
-    lb4, other4, lb6, other6 = "192.0.2.2", "192.0.2.3", "2001:db8::2", "2001:db8::3"
-    lbs = peer_addresses([("lb4", {"vllm_advertise_address": lb4}), ("lb6", {"vllm_advertise_address": lb6})])
-    rules = _rules_file(tmp_path, plan_firewall("h1", {}, is_lb=True, instance_ports=[8001], lb_addresses=lbs))
 
     def ip(*argv: str) -> None:
         result = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, f"ip {' '.join(argv)}: {result.stderr}"
+
+    def connect(cases: list[tuple[str, str, int]]) -> dict[str, str]:
+        probe = subprocess.run(["ip", "netns", "exec", peer_ns, sys.executable, "-c", CLIENT, json.dumps(cases)],
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr
+        return json.loads(probe.stdout)
 
     server = None
     try:
@@ -371,10 +378,10 @@ def test_packets_from_the_load_balancer_reach_an_instance_and_others_do_not(tmp_
             pytest.skip(f"cannot create a network namespace here: {created.stderr.strip()}")
         ip("netns", "add", peer_ns)
         ip("-n", host_ns, "link", "add", "fw0", "type", "veth", "peer", "name", "fw1", "netns", peer_ns)
-        for ns, dev, addresses in ((host_ns, "fw0", ["192.0.2.1/24"] + (["2001:db8::1/64"] if ipv6 else [])),
-                                   (peer_ns, "fw1", [f"{lb4}/24", f"{other4}/24"] + ([f"{lb6}/64", f"{other6}/64"]
-                                                                                    if ipv6 else []))):
-            for address in addresses:
+        peer_networks = [f"{a}/64" if ":" in a else f"{a}/24" for a in peer_ips]
+        for ns, dev, addresses in ((host_ns, "fw0", ["192.0.2.1/24", "2001:db8::1/64"]),
+                                   (peer_ns, "fw1", peer_networks)):
+            for address in addresses if IPV6 else [a for a in addresses if ":" not in a]:
                 ip("-n", ns, "addr", "add", address, "dev", dev, *(["nodad"] if ":" in address else []))
             ip("-n", ns, "link", "set", dev, "up")
             ip("-n", ns, "link", "set", "lo", "up")
@@ -382,33 +389,37 @@ def test_packets_from_the_load_balancer_reach_an_instance_and_others_do_not(tmp_
                                 capture_output=True, text=True, timeout=20)
         assert loaded.returncode == 0, loaded.stderr
 
-        # 22: SSH, 443: the edge, 8001: an instance, 9999: something else listening.
-        server = subprocess.Popen(["ip", "netns", "exec", host_ns, sys.executable, "-c", SERVER, "22", "443", "8001",
-                                   "9999"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(["ip", "netns", "exec", host_ns, sys.executable, "-c", SERVER, *map(str, listening)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert select.select([server.stdout], [], [], 20)[0] and server.stdout.readline().strip() == "ready", \
             server.stderr.read() if server.poll() is not None else "the listeners did not start"
-
-        cases = [(lb4, "192.0.2.1", 8001), (other4, "192.0.2.1", 8001), (other4, "192.0.2.1", 22),
-                 (other4, "192.0.2.1", 443), (lb4, "192.0.2.1", 9999)]
-        if ipv6:
-            cases += [(lb6, "2001:db8::1", 8001), (other6, "2001:db8::1", 8001), (other6, "2001:db8::1", 22)]
-        probe = subprocess.run(["ip", "netns", "exec", peer_ns, sys.executable, "-c", CLIENT, json.dumps(cases)],
-                               capture_output=True, text=True, timeout=60)
-        assert probe.returncode == 0, probe.stderr
-        results = json.loads(probe.stdout)
-        expected = {f"{lb4}>8001": "open", f"{other4}>8001": "dropped", f"{other4}>22": "open",
-                    f"{other4}>443": "open", f"{lb4}>9999": "dropped"}
-        if ipv6:  # reaching the host over IPv6 at all proves neighbour discovery gets through
-            expected |= {f"{lb6}>8001": "open", f"{other6}>8001": "dropped", f"{other6}>22": "open"}
-        assert results == expected
-
-        counted = subprocess.run(["ip", "netns", "exec", host_ns, "nft", "list", "chain", *TABLE.split(), "input"],
-                                 capture_output=True, text=True, timeout=20).stdout
-        dropped = re.search(r"counter packets (\d+) bytes \d+ comment \"dropped by the policy\"", counted)
-        assert dropped and int(dropped.group(1)) >= len([v for v in expected.values() if v == "dropped"])
+        yield connect, host_ns
     finally:
         if server is not None:
             server.kill()
             server.wait(timeout=10)
         for ns in (host_ns, peer_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def test_packets_from_the_load_balancer_reach_an_instance_and_others_do_not(tmp_path):
+    _kernel_or_skip()
+    lb4, other4, lb6, other6 = "192.0.2.2", "192.0.2.3", "2001:db8::2", "2001:db8::3"
+    lbs = peer_addresses([("lb4", {"vllm_advertise_address": lb4}), ("lb6", {"vllm_advertise_address": lb6})])
+    rules = _rules_file(tmp_path, plan_firewall("h1", {}, is_lb=True, instance_ports=[8001], lb_addresses=lbs))
+    # 22: SSH, 443: the edge, 8001: an instance, 9999: something else listening.
+    with _host_and_peer(rules, [lb4, other4, lb6, other6], [22, 443, 8001, 9999]) as (connect, host_ns):
+        cases = [(lb4, "192.0.2.1", 8001), (other4, "192.0.2.1", 8001), (other4, "192.0.2.1", 22),
+                 (other4, "192.0.2.1", 443), (lb4, "192.0.2.1", 9999)]
+        if IPV6:
+            cases += [(lb6, "2001:db8::1", 8001), (other6, "2001:db8::1", 8001), (other6, "2001:db8::1", 22)]
+        expected = {f"{lb4}>8001": "open", f"{other4}>8001": "dropped", f"{other4}>22": "open",
+                    f"{other4}>443": "open", f"{lb4}>9999": "dropped"}
+        if IPV6:  # reaching the host over IPv6 at all proves neighbour discovery gets through
+            expected |= {f"{lb6}>8001": "open", f"{other6}>8001": "dropped", f"{other6}>22": "open"}
+        assert connect(cases) == expected
+
+        counted = subprocess.run(["ip", "netns", "exec", host_ns, "nft", "list", "chain", *TABLE.split(), "input"],
+                                 capture_output=True, text=True, timeout=20).stdout
+        dropped = re.search(r"counter packets (\d+) bytes \d+ comment \"dropped by the policy\"", counted)
+        assert dropped and int(dropped.group(1)) >= len([v for v in expected.values() if v == "dropped"])
