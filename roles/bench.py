@@ -165,8 +165,8 @@ def direct_target(inventory, fleet: FleetPlan, spec: str) -> Target:
     reaches it at, with the instances' internal key."""
     host_name, _, instance_name = spec.rpartition(":")
     host_plan = fleet.host(host_name)
-    instances = [f"{h.name}:{i.name}" for h in fleet.hosts for i in h.instances]
-    instance = next((i for i in host_plan.instances if i.name == instance_name), None) if host_plan else None
+    instances = [f"{h.name}:{i.name}" for h in fleet.hosts for i in h.serving]
+    instance = next((i for i in host_plan.serving if i.name == instance_name), None) if host_plan else None
     if instance is None:
         raise FleetConfigError(f"`vllm-fleet bench --direct {spec}`", "is no instance of this fleet.",
                                f"give HOST:INSTANCE, one of {', '.join(instances)}.")

@@ -166,7 +166,7 @@ def _counters(inventory: str) -> dict[str, str]:
 # ---- what both share ------------------------------------------------------------------------------
 
 def _instances(fleet) -> list[str]:
-    return [f"{h.name}:{i.name}" for h in fleet.hosts for i in h.instances]
+    return [f"{h.name}:{i.name}" for h in fleet.hosts for i in h.serving]
 
 
 def _setup(args) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def template_vars(plan: FleetPlan, lb_name: str, data) -> dict:
 def instance_caps(plan: FleetPlan, data) -> dict[str, int]:
     """Each instance's cap in overflow mode, by the address nginx reaches it at."""
     return {endpoint(h.address, i.port): fallback.instance_cap(data, i.fit.max_num_seqs)
-            for h in plan.hosts for i in h.instances}
+            for h in plan.hosts for i in h.serving}
 
 
 def edge_packages(data, provider: Provider | None) -> list[str]:

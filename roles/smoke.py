@@ -25,11 +25,11 @@ def probe_command(plan: FleetPlan, host_name: str, data, report: bool) -> str | 
     base = ["python3", FLEET_PROBE_PATH, "smoke", "--env-dir", ENV_DIR]
     args = list(base)
     mine = plan.host(host_name)
-    if mine and mine.instances:
+    if mine and mine.serving:
         args += ["--address", mine.listen_address]
-    for inst in mine.instances if mine else ():
+    for inst in mine.serving if mine else ():
         args += ["--instance", f"{inst.name}:{inst.port}"]
-    if mine and mine.instances:
+    if mine and mine.serving:
         args += ["--wait-healthy", str(mine.get("vllm_start_timeout"))]
     if host_name in plan.lb_hosts:
         # Through the edge as a client: TLS checked against the certificate nginx serves, as the

@@ -80,7 +80,7 @@ def instance_metrics(inventory_path: str, names: list[str]) -> dict[str, str]:
     pages, unread = {}, []
     for host_plan in plan.hosts:
         answer = answers[host_plan.name]
-        for instance in host_plan.instances:
+        for instance in host_plan.serving:
             reading = answer[instance.name][1] if isinstance(answer, dict) else {"metrics": None, "error": answer}
             if reading["metrics"] is None:
                 unread.append(f"{host_plan.name}:{instance.name} ({reading['error']})")
@@ -114,9 +114,9 @@ def from_instances(inventory, window: float) -> int:
         answer = answers[host.name]
         if isinstance(answer, str):
             notes.append(f"status: host {host.name}: not read: {answer}. Left out of the table: "
-                         f"{', '.join(f'{host.name}:{i.name}' for i in host_plan.instances)}.")
+                         f"{', '.join(f'{host.name}:{i.name}' for i in host_plan.serving)}.")
             continue
-        for instance in host_plan.instances:
+        for instance in host_plan.serving:
             values[(host.name, instance.name)], note = _instance_values(host_plan, instance.name, answer)
             notes += [note] if note else []
     print(f"straight from the instances, sampled over {window:g} s:\n{status.table(values, f'{window:g}s')}")
@@ -178,7 +178,7 @@ def _sample_command(host_plan: HostPlan, window: float, names: list[str] | None 
     # The instances listen on the host's listen address (its advertised one unless set apart), as
     # the smoke test and the rolling update reach them from the host itself.
     return shlex.join(["python3", "-c", SAMPLE_INSTANCES.read_text(), "--address", host_plan.listen_address,
-                       *[arg for i in host_plan.instances for arg in ("--instance", f"{i.name}:{i.port}")],
+                       *[arg for i in host_plan.serving for arg in ("--instance", f"{i.name}:{i.port}")],
                        *[arg for name in names or status.sampled_metric_names() for arg in ("--metric", name)],
                        "--window", f"{window:g}", "--timeout", f"{REQUEST_TIMEOUT_S:g}"])
 

@@ -13,12 +13,12 @@ from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, state
-from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents, FindFiles, Link
 from pyinfra.facts.server import Command, LinuxDistribution
 from pyinfra.operations import files, server, systemd
 
-from roles import paths, platform
+from roles import gates, group, paths, platform
 from roles.artifact_sources import ModelSource, model_source
 from roles.cache import artifacts_script, fetch_command, hub_download_commands
 from roles.common import manifest_json
@@ -30,7 +30,7 @@ from roles.private_files import upload_commands
 from roles.release.host import dirs_to_remove, host_install_command
 from roles.release.lock import Lock
 from roles.release.wheelhouse import wheel_files
-from roles.rollout import Member, Rollout, decide
+from roles.rollout import Member, Rollout, decide, run_logged
 
 
 def switch_link(link: str, target: str) -> StringCommand:
@@ -172,7 +172,9 @@ def prune(parent: str, marker: str, keep: int, protected):
 def first_start(rollout: Rollout, member: Member, env_text: str, link: str, target: str, target_release: str,
                 address: str, timeout: int):
     """Start an instance the host does not have yet (no environment file): it is not in nginx's
-    upstream yet, so it needs no draining. Existing instances restart in the rolling update."""
+    upstream yet, so it needs no draining. Existing instances restart in the rolling update. A
+    follower stage of a multi-host instance is started without waiting: it has no /health, and
+    its leader, started next, waits for it."""
     env_path = f"{paths.ENV_DIR}/{member.name}.env"
     if host.get_fact(FileContents, path=env_path) is not None:
         host.noop(f"vllm@{member.name} exists; restarts go through the rolling update")
@@ -180,11 +182,19 @@ def first_start(rollout: Rollout, member: Member, env_text: str, link: str, targ
     if host.name in rollout.refusals:
         host.noop(f"vllm@{member.name} is not started: its flags were refused")
         return
+    if member.group and (lost := rollout.failed_stages(member.group)):
+        # A leader would wait for the missing stage until vllm_start_timeout, then fail with nothing said.
+        yield gates.failure(f"vllm@{member.name} is not started: its instance group {member.group} lost "
+                            f"{', '.join(lost)} in this run (see there why), and cannot form without it")
+        return
     yield from upload_commands(env_text, env_path)
     yield switch_link(link, target)
     yield StringCommand(shlex.join(["systemctl", "enable", "--now", f"vllm@{member.name}"]))
-    yield StringCommand(shlex.join(["python3", paths.FLEET_PROBE_PATH, "wait", "--unit", f"vllm@{member.name}",
-                                    "--address", address, "--port", str(member.port), "--timeout", str(timeout)]))
+    if member.serves:
+        # Logged: how long the start took is worth seeing (a leader's includes its followers' joining).
+        yield FunctionCommand(run_logged, (shlex.join([
+            "python3", paths.FLEET_PROBE_PATH, "wait", "--unit", f"vllm@{member.name}", "--address", address,
+            "--port", str(member.port), "--timeout", str(timeout)]),), {})
     rollout.runs(member, target, target_release)
 
 
@@ -213,26 +223,39 @@ def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str, model_op) -> dict[
                           src=str(paths.TEMPLATES / "vllm@.service.j2"), dest=paths.UNIT_FILE,
                           service_user=user, env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances",
                           data_dir=data_dir, stop_timeout=plan.get("vllm_stop_timeout"),
-                          accelerator=plan.accelerator)
+                          accelerator=plan.accelerator,
+                          serve_script=paths.VLLM_SERVE_PATH if group.stage_of(plan) else None)
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
-    where = placements(plan)
-    env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name], api_key)) for i in plan.instances}
+    where, interface = placements(plan), group.interface_of(plan)
+    env_texts = {i.name: engine.env_file(engine.render_env(plan, i, where[i.name], api_key, interface))
+                 for i in plan.instances}
     decide(name="Decide which instances restart (flags checked by the new release)", rollout=rollout,
            env_texts=env_texts, engine_args={i.name: engine.render_args(plan, i) for i in plan.instances},
            env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances", target=plan.venv_dir,
            target_release=plan.release.name, check_script=paths.CHECK_ENGINE_ARGS_PATH,
            host_changes=lambda: "unit file changed" if unit.did_change() else
            "model changed" if model_op.did_change() else None)
+    group.group_host(plan, rollout)
+    mine = rollout.members_on(plan.name)
+    # A multi-host instance's followers first (no wait): its leader waits for them at its start.
+    for member in [m for m in mine if not m.serves]:
+        first_start(name=f"Start vllm@{member.name} if new (a follower stage: its leader waits for it)",
+                    rollout=rollout, member=member, env_text=env_texts[member.name],
+                    link=f"{install_dir}/instances/{member.name}", target=plan.venv_dir,
+                    target_release=plan.release.name, address=plan.listen_address, timeout=0)
     # One after another: instances loading at the same moment race for memory.
-    for member in rollout.members_on(plan.name):
+    for member in [m for m in mine if m.serves]:
         first_start(name=f"Start vllm@{member.name} if new (waits for /health, up to {plan.get('vllm_start_timeout')}s)",
                     rollout=rollout, member=member, env_text=env_texts[member.name],
                     link=f"{install_dir}/instances/{member.name}", target=plan.venv_dir,
                     target_release=plan.release.name, address=plan.listen_address,
                     timeout=plan.get("vllm_start_timeout"))
+    for member in mine:
         systemd.service(name=f"Enable vllm@{member.name} at boot", service=f"vllm@{member.name}", running=None,
                         enabled=True)
+    if group.stage_of(plan):
+        group.watchdog(plan)
     return env_texts
 
 
@@ -250,6 +273,9 @@ def retire_removed_instances(plan: HostPlan) -> None:
     and cores while the load balancer no longer sends them anything). Runs after the load
     balancer has been reconfigured without them, so no request is sent to a stopping instance."""
     kept = {inst.name for inst in plan.instances}
+    if group.stage_of(plan) is None:
+        # First: a follower's watchdog would start its stage again when the leader stops.
+        group.retire_watchdog()
     env_files = host.get_fact(FindFiles, path=paths.ENV_DIR, fname="*.env", maxdepth=1) or []
     for name in sorted(Path(f).stem for f in env_files if Path(f).stem not in kept):
         systemd.service(name=f"Stop vllm@{name} (no longer in the inventory)", service=f"vllm@{name}",

@@ -7,6 +7,8 @@
     fleet_probe.py switch --name a --address 10.0.0.5 --port 8001 --model NAME --link L --target VENV
                           --timeout 900 --env-dir DIR
     fleet_probe.py reload-and-drain --upstream 10.0.0.5:8001 ... --timeout 120
+    fleet_probe.py listen --address 10.0.0.5 --port 29500 --peers 1 --timeout 120
+    fleet_probe.py reach  --address 10.0.0.5 --port 29500 --timeout 60
 
 ``wait`` prints progress while an instance loads and, on failure, the unit's last journal
 lines. ``smoke`` prints one JSON object with every check's result; with ``--report`` it exits
@@ -15,6 +17,10 @@ non-zero when a check failed, after printing the failures and the journals of fa
 it (health and a completion); when that fails it puts the previous environment and release
 back and proves those. Its last line is ``RESULT {json}``. ``reload-and-drain`` reloads nginx
 and waits until its old workers have finished every request to the given upstreams.
+``listen`` and ``reach`` are the preflight of a multi-host instance's rendezvous: ``listen`` on
+the leader binds its master port (failing at once when something holds it) and leaves a listener
+in the background that takes the followers' connections; ``reach`` on a follower connects to it.
+A follower's ``switch`` (``--leader``) proves the stage by the leader's /health coming back.
 Requests go to this host's own instances at the address they listen on (with their key, read
 from their root-only environment file) and to its own edge on loopback, over TLS, with the
 smoke test's client key. No key is ever on a command line.
@@ -35,6 +41,9 @@ from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 
 JOURNAL_LINES = 40
+# A follower's switch takes the leader's /health as proof only once it has seen the leader go
+# down (it restarts in the same step), or after this long if it never saw it.
+LEADER_RESTART_S = 30
 PROMPT = "The capital of France is"
 
 
@@ -261,6 +270,29 @@ def restart_and_prove(unit: str, name: str, instance: Endpoint, model: str, env_
     return None
 
 
+def restart_follower(unit: str, leader: Endpoint, timeout: float) -> str | None:
+    """Restart a follower stage of a multi-host instance and prove it: the leader restarts in the
+    same step, and its /health comes back only once every stage has joined it. None when it does."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 10))
+    subprocess.run(["systemctl", "restart", unit], check=True)
+    started = time.monotonic()
+    seen_down = False
+    while time.monotonic() - started < timeout:
+        healthy = http("GET", leader, "/health", timeout=5)[0] == 200
+        seen_down = seen_down or not healthy
+        if healthy and (seen_down or time.monotonic() - started > LEADER_RESTART_S):
+            print(f"{unit}: the leader {leader.address}:{leader.port} is healthy with this stage after "
+                  f"{time.monotonic() - started:.0f}s")
+            return None
+        if unit_state(unit)[0] == "failed":
+            print(f"{unit}: the stage failed while joining. Journal:\n{journal(unit, since)}", file=sys.stderr)
+            return f"{unit} failed while joining its leader"
+        time.sleep(1)
+    print(f"{unit}: the leader {leader.address}:{leader.port} was not healthy within {timeout:.0f}s. "
+          f"Journal:\n{journal(unit, since)}", file=sys.stderr)
+    return f"its leader {leader.address}:{leader.port} did not become healthy with {unit}"
+
+
 def switch(args: argparse.Namespace) -> int:
     """The environment file ``<name>.env.next`` and the release ``target`` become the instance's,
     it restarts and must serve; otherwise the previous environment and release come back."""
@@ -271,7 +303,14 @@ def switch(args: argparse.Namespace) -> int:
     os.replace(staged, env)
     _point(args.link, args.target)
     instance = Endpoint(args.port, args.address)
-    failure = restart_and_prove(unit, args.name, instance, args.model, args.env_dir, args.timeout)
+
+    def restart() -> str | None:
+        if args.leader:
+            address, port = args.leader.rsplit(":", 1)
+            return restart_follower(unit, Endpoint(int(port), address.strip("[]")), args.timeout)
+        return restart_and_prove(unit, args.name, instance, args.model, args.env_dir, args.timeout)
+
+    failure = restart()
     if failure is None:
         os.remove(kept)
         outcome = {"outcome": "switched", "detail": f"{unit} serves from {args.target}"}
@@ -279,12 +318,58 @@ def switch(args: argparse.Namespace) -> int:
         print(f"{unit}: {failure}; putting back its previous release {previous_target}", file=sys.stderr, flush=True)
         os.replace(kept, env)
         _point(args.link, previous_target)
-        back = restart_and_prove(unit, args.name, instance, args.model, args.env_dir, args.timeout)
+        back = restart()
         outcome = {"outcome": "reverted" if back is None else "broken",
                    "detail": failure if back is None else f"{failure}; and on its previous release: {back}"}
     outcome["seconds"] = round(time.monotonic() - started, 1)
     print("RESULT " + json.dumps(outcome), flush=True)
     return 0
+
+
+def listen(args: argparse.Namespace) -> int:
+    """Bind the rendezvous port now (its failure is the preflight's answer), then take up to
+    ``peers`` connections in a child that outlives this command, for at most ``timeout`` seconds."""
+    server = socket.socket(socket.AF_INET6 if ":" in args.address else socket.AF_INET)
+    # As torch's TCPStore binds it: the connections of a leader stopped a moment ago (TIME_WAIT)
+    # do not keep the port; a process listening on it does.
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        server.bind((args.address, args.port))
+    except OSError as e:
+        print(f"port {args.port} on {args.address} cannot be bound ({e.strerror}): another process holds the "
+              f"group's master port (`ss -ltnp 'sport = :{args.port}'` shows which), or {args.address} is not "
+              "an address of this host", file=sys.stderr)
+        return 1
+    server.listen(args.peers)
+    if os.fork():
+        print(f"listening on {args.address}:{args.port} for {args.peers} follower(s), {args.timeout:.0f}s at most")
+        return 0
+    os.setsid()  # the deploy's ssh session ends now: nothing of it may be held open
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    server.settimeout(args.timeout)
+    try:
+        for _ in range(args.peers):
+            server.accept()[0].close()
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def reach(args: argparse.Namespace) -> int:
+    """Connect to the leader's rendezvous port, retrying until ``timeout``."""
+    deadline, error = time.monotonic() + args.timeout, None
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((args.address, args.port), timeout=5).close()
+            print(f"reached {args.address}:{args.port}")
+            return 0
+        except OSError as e:
+            error = e
+            time.sleep(1)
+    print(f"cannot reach {args.address}:{args.port} within {args.timeout:.0f}s: {error}", file=sys.stderr)
+    return 1
 
 
 def _nginx_workers() -> dict[int, str]:
@@ -375,12 +460,22 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--target", required=True, help="release venv the link points to after the switch")
     sw.add_argument("--timeout", type=float, required=True)
     sw.add_argument("--env-dir", required=True, help="where the instance environment files are")
+    sw.add_argument("--leader", help="ADDRESS:PORT of the leader: this is a follower stage, proved by its /health")
     for instance_parser in (w, s, sw):
         instance_parser.add_argument("--address", default="127.0.0.1", help="where this host's instances listen")
     d = sub.add_parser("reload-and-drain")
     d.add_argument("--upstream", action="append", required=True, help="ADDRESS:PORT taken out of nginx")
     d.add_argument("--timeout", type=float, required=True)
+    li = sub.add_parser("listen")
+    li.add_argument("--peers", type=int, required=True, help="connections to take before going")
+    re_ = sub.add_parser("reach")
+    for rendezvous in (li, re_):
+        rendezvous.add_argument("--address", required=True)
+        rendezvous.add_argument("--port", type=int, required=True)
+        rendezvous.add_argument("--timeout", type=float, required=True)
     args = parser.parse_args(argv)
+    if args.command in ("listen", "reach"):
+        return listen(args) if args.command == "listen" else reach(args)
     if args.command == "wait":
         return wait(args.unit, Endpoint(args.port, args.address), args.timeout)
     if args.command == "switch":

@@ -68,12 +68,14 @@ def _group_args(inst: Instance) -> list[str]:
     return args if node.leads else args + ["--headless"]
 
 
-def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str) -> dict[str, str]:
+def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str,
+               interface: str | None = None) -> dict[str, str]:
     """The per-instance environment: flags, where the instance's threads or GPUs are, and the
     key vLLM requires on its OpenAI routes (the fleet's internal key, which only nginx sends).
 
     ``placement`` is the core list (CPU hosts) or comma-separated GPU indices (NVIDIA hosts),
-    decided by the deploy from the host's facts.
+    decided by the deploy from the host's facts; ``interface``, for a stage of a multi-host
+    instance without vllm_group_interface, the one holding the host's address, found there too.
     """
     # Not VLLM_-prefixed: vLLM warns about every VLLM_* variable it does not know.
     env = {"ENGINE_ARGS": " ".join(render_args(host, inst))}
@@ -84,18 +86,19 @@ def render_env(host: HostPlan, inst: Instance, placement: str, api_key: str) -> 
     if inst.serves:  # a multi-host instance's followers serve nothing: they get no key
         env["VLLM_API_KEY"] = api_key
     if inst.node is not None:
-        env.update(group_env(host, inst))
+        env.update(group_env(host, inst, interface))
     return env
 
 
-def group_env(host: HostPlan, inst: Instance) -> dict[str, str]:
+def group_env(host: HostPlan, inst: Instance, interface: str | None = None) -> dict[str, str]:
     """Where a stage of a multi-host instance reaches the others: its own address (vLLM's message
-    queues), the interface torch.distributed (gloo) and NCCL open their sockets on, and the RDMA
+    queues), the interface torch.distributed (gloo) and NCCL open their sockets on (left to
+    them, gloo takes the address the host name resolves to, often a loopback one), and the RDMA
     adapters NCCL may use."""
     node = inst.node
     env = {"VLLM_HOST_IP": host.address}
-    if node.interface:
-        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = node.interface
+    if node.interface or interface:
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = node.interface or interface
     if node.rdma_devices:
         env["NCCL_IB_HCA"] = ",".join(node.rdma_devices)
     return env

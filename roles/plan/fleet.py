@@ -122,6 +122,11 @@ class HostPlan:
     def model_dir(self) -> str:
         return self.model.host_dir(self.get("vllm_data_dir"))
 
+    @property
+    def serving(self) -> tuple[Instance, ...]:
+        """The instances with an API (all but a multi-host instance's followers): what is probed."""
+        return tuple(i for i in self.instances if i.serves)
+
 
 @dataclass(frozen=True)
 class FleetPlan:
@@ -144,13 +149,12 @@ class FleetPlan:
     @property
     def upstreams(self) -> list[str]:
         """Every instance of the fleet as nginx addresses it: the load balancer's upstream."""
-        return [endpoint(h.address, i.port) for h in self.hosts for i in h.instances if i.serves]
+        return [endpoint(h.address, i.port) for h in self.hosts for i in h.serving]
 
     @property
     def instance_endpoints(self) -> dict[str, str]:
         """HOST:INSTANCE, as the rollout report names an instance, -> where nginx reaches it."""
-        return {f"{h.name}:{i.name}": endpoint(h.address, i.port) for h in self.hosts for i in h.instances
-                if i.serves}
+        return {f"{h.name}:{i.name}": endpoint(h.address, i.port) for h in self.hosts for i in h.serving}
 
     def host(self, name: str) -> HostPlan | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -448,7 +452,6 @@ def plan_inventory(inventory, with_edge: bool = True, with_cache: bool = True) -
                                     [h.name for h in inventory.get_group(CACHE_GROUP, default=[])])
     if not with_edge:
         return plan
-    groups.check_deployable(i.node for h in plan.hosts for i in h.instances)
     return with_edge_and_firewalls(plan, [(h.name, h.data.dict()) for h in lb_hosts],
                                    [(h.name, h.data.dict()) for h in inventory], Path.cwd(),
                                    [h.name for h in inventory.get_group(MONITOR_GROUP, default=[])],

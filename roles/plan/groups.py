@@ -207,18 +207,6 @@ def group_nodes(plans: tuple[HostPlan, ...], entries: tuple[GroupEntry, ...]) ->
     return nodes
 
 
-def check_deployable(nodes: Iterable[GroupNode | None]) -> None:
-    """Deploying a multi-host instance (its units, the group's firewall and preflight, its rolling
-    update as one slot) is not built yet: such an inventory is planned, and refused by a deploy
-    before any host is touched."""
-    if group := next((n.group for n in nodes if n is not None), None):
-        raise FleetConfigError(f"instance group {group}: `{SETTING}`",
-                               "multi-host instances are planned (`vllm-fleet plan`) but this version does not "
-                               "deploy them yet: their units, firewall rules and rolling update are not built.",
-                               "size the group with `vllm-fleet plan`; deploy single-host instances "
-                               "(vllm_instances) until then.")
-
-
 def interconnect_warning(node: GroupNode, accelerator: str) -> str | None:
     """What a GPU group without a declared RDMA fabric should expect."""
     if accelerator != "nvidia" or node.rdma_devices:

@@ -55,7 +55,7 @@ def plan_monitoring(fleet: FleetPlan, hosts: Iterable[tuple[str, Mapping[str, An
     vllm = tuple(Target(endpoint(h.address, i.port), (("host", h.name), ("instance_name", i.name),
                                                        ("model", fleet.served_model_name),
                                                        ("release", h.release.name)))
-                 for h in fleet.hosts for i in h.instances)
+                 for h in fleet.hosts for i in h.serving)
     addresses = {name: consistency.advertised_address(name, data) for name, data in hosts}
     node = tuple(Target(endpoint(address, NODE_EXPORTER_PORT), (("host", name),)) for name, address in addresses.items())
     nginx = tuple(Target(endpoint(addresses[name], NGINX_EXPORTER_PORT), (("host", name),)) for name in fleet.lb_hosts)

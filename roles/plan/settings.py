@@ -117,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vllm_group_rdma_devices", list, None,
             "InfiniBand/RoCE adapters NCCL uses between the hosts of an instance group (NCCL_IB_HCA), e.g. "
             "[mlx5_0, mlx5_1]; unset: TCP sockets only, and the plan warns.", item=str, form=RDMA_DEVICE),
+    Setting("vllm_group_hang_timeout", int, 60,
+            "Seconds a one-token completion may take on an instance group's leader while its /health answers, "
+            "before the group's watchdog restarts the leader (a lost stage hangs every request).", minimum=5),
     Setting("vllm_hub_download", str, "cache",
             "Where a hub model is downloaded: cache (once, on the artifact cache host; every host pulls it from "
             "there), control (once, on the control node, then sent to the cache), or hosts (every host from "

@@ -9,7 +9,6 @@ import hashlib
 import json
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatch
 from pathlib import Path
@@ -37,11 +36,13 @@ from roles import facts, firewall, paths
 from tests.deploy.package_effects import PACKAGE_EFFECTS
 from tests.deploy.probe_args import probe_args
 from tests.deploy.sim_artifacts import ArtifactCommands, ArtifactState, shell_parts
+from tests.deploy.sim_gpu import GpuState
+from tests.deploy.sim_group import GroupCommands
 
 UNIT_DIR = "/etc/systemd/system"
 
 
-class SimulatedHost(ArtifactCommands):
+class SimulatedHost(ArtifactCommands, GroupCommands):
     """A host's state, read by facts through what their commands would print, and updated by
     the commands a deploy runs on it.
 
@@ -86,6 +87,8 @@ class SimulatedHost(ArtifactCommands):
         self.loaded_units: dict[str, str] = {}  # unit file -> its sha1 when systemd last loaded it
         self.oneshots: list[str] = []  # oneshot services run (started, then done), in order
         self.artifacts = ArtifactState()  # fetches and checks of roles/files/artifacts.py
+        self.waited: list[str] = []  # units fleet_probe wait waited for, in order
+        self.init_group_state()
 
     @staticmethod
     def _user(home, shell, group):
@@ -134,6 +137,7 @@ class SimulatedHost(ArtifactCommands):
             facts.SecureBoot: lambda: [f"SecureBoot {'enabled' if self.gpu.secure_boot else 'disabled'}"],
             facts.AptHolds: lambda: sorted(self.gpu.holds),
             facts.CompleteDirs: self._complete_dirs, facts.InstanceReleases: self._instance_links,
+            facts.LocalPortRange: lambda: ["32768\t60999"],
             facts.InstanceModels: lambda env_dir: [line for path, f in sorted(self.files.items())
                                                    if Path(path).parent == Path(env_dir) and path.endswith(".env")
                                                    for line in f["lines"] if line.startswith("ENGINE_ARGS=")],
@@ -209,6 +213,8 @@ class SimulatedHost(ArtifactCommands):
             return json.dumps(self.gpu.readings)
         if "gpu_probe.py burnin" in command:
             return json.dumps(self.gpu.burnin)
+        if command.startswith("ip -o addr show to "):
+            return self.interface
         if "check_engine_args.py" in command:
             asked = json.loads(shlex.split(command)[-1])
             return json.dumps({name: self.refused_flags.get(name) for name in asked})
@@ -250,15 +256,21 @@ class SimulatedHost(ArtifactCommands):
 
     def run(self, command: str) -> tuple[bool, CommandOutput]:
         """What a command run by a Python callback (the rollout's switch) prints."""
+        if command.startswith(f"systemctl stop {paths.GROUP_WATCH_UNIT}; "):
+            return self._watched_switch(command)
         argv = shlex.split(command)
         if argv[:3] == ["python3", paths.FLEET_PROBE_PATH, "switch"]:
             args = probe_args(argv)
             assert "--address" in argv, f"the switch would prove the instance on loopback: {argv}"
+            self.switches.append((args, paths.GROUP_WATCH_UNIT in self.running))
             result = self._switch(args.name, args.env_dir, args.link, args.target)
             return True, CommandOutput([OutputLine("stdout", "RESULT " + json.dumps(result))])
         if argv[:3] == ["python3", paths.FLEET_PROBE_PATH, "reload-and-drain"]:
             self.drained.append(probe_args(argv).upstream)
             return True, CommandOutput([OutputLine("stdout", "drained")])
+        if argv[:3] == ["python3", paths.FLEET_PROBE_PATH, "wait"]:  # a first start's, logged
+            self._shell(argv)
+            return True, CommandOutput([OutputLine("stdout", f"{probe_args(argv).unit}: healthy")])
         raise AssertionError(f"unexpected command: {command}")
 
     def _switch(self, name: str, env_dir: str, link: str, target: str) -> dict:
@@ -290,7 +302,7 @@ class SimulatedHost(ArtifactCommands):
         if not argv:
             return
         cmd, args = argv[0], argv[1:]
-        if not (cmd == "mv" and args[-2] in self.links) and self.artifact_shell(argv):
+        if not (cmd == "mv" and args[-2] in self.links) and self.artifact_shell(argv) or self.group_shell(argv):
             return
         if cmd == "mkdir":
             for a in args:
@@ -340,6 +352,7 @@ class SimulatedHost(ArtifactCommands):
             unit = probe_args(argv).unit
             assert "--address" in args, f"the wait would ask loopback, where {unit} does not listen: {argv}"
             assert f"{unit}.service" in self.running, f"waiting for {unit}, which is not running"
+            self.waited.append(unit)
         elif cmd == "mv" and args[-2] in self.links:
             self.links[args[-1]] = self.links.pop(args[-2])
         elif cmd == "mv":
@@ -455,21 +468,6 @@ class SimulatedHost(ArtifactCommands):
 
 class CheckRefused(Exception):
     """A checker refused a file: the command fails, and the deploy stops there."""
-
-
-@dataclass
-class GpuState:
-    """The NVIDIA side of a simulated host: hardware, firmware, what the kernel has loaded."""
-
-    pci_gpus: int
-    nvswitches: int = 0
-    secure_boot: bool = False
-    loaded: str | None = None  # version of the loaded nvidia module
-    nouveau_loaded: bool = True  # a fresh install: the in-tree driver has the GPUs
-    installed: str | None = None  # driver version the packages put on disk
-    holds: set = field(default_factory=set)
-    readings: dict = field(default_factory=dict)  # what gpu_probe.py readings prints
-    burnin: dict = field(default_factory=dict)
 
 
 def _file(data: bytes, mode: int = 644, user: str = "root", **extra) -> dict:

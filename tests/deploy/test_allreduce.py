@@ -18,7 +18,8 @@ from roles.nvidia import ALLREDUCE_TIMEOUT_S
 from roles.paths import GPU_PROBE
 from roles.plan.gpu_health import ALLREDUCE_REFERENCE, allreduce_checks, table
 from tests.deploy import test_nvidia
-from tests.deploy.simhost import GpuState, SimulatedHost, ubuntu
+from tests.deploy.sim_gpu import GpuState
+from tests.deploy.simhost import SimulatedHost, ubuntu
 from tests.deploy.test_nvidia import BURNIN, READINGS, commands, run, stops
 
 # The NVIDIA role tests' fixture, shared: an H200 host's inventory data.

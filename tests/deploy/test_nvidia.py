@@ -13,7 +13,8 @@ import pytest
 
 from roles import paths, site
 from tests.deploy.fakehost import changed, fleet_plan, plan
-from tests.deploy.simhost import GpuState, SimulatedHost, debian, ubuntu
+from tests.deploy.sim_gpu import GpuState
+from tests.deploy.simhost import SimulatedHost, debian, ubuntu
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "gpu"
 READINGS = json.loads((FIXTURES / "h200-readings.json").read_text())

@@ -30,6 +30,14 @@ def test_canary_goes_alone_then_batches():
     assert [slot_count(n, 2) for n in (0, 1, 2, 3, 4, 5)] == [0, 1, 2, 2, 3, 3]
 
 
+def test_a_multi_host_instance_moves_as_one_slot():
+    a, b = members("a", "b")
+    leader, follower = Member("h1", "pp", 8003, "10.0.0.1", "pp", True), Member("h2", "pp", 8003, "10.0.0.2", "pp", False)
+    assert schedule([a, leader, follower, b], 1) == [[a], [leader, follower], [b]]
+    assert schedule([leader, follower, a, b], 2) == [[leader, follower], [a, b]]
+    assert schedule([a, follower, b, leader], 2) == [[a], [follower, leader, b]]
+
+
 class Fleet:
     """Two CPU hosts, h1 (instances a and b, and nginx) and h2 (instance a), on one release."""
 

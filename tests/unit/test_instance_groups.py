@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from roles.errors import FleetConfigError
-from roles.plan import groups
 from roles.plan.engine import render_args, render_env
 from roles.plan.fleet import plan_fleet
 
@@ -176,13 +175,6 @@ def test_every_host_holds_the_same_list_and_a_grouped_host_no_instances_of_its_o
         "host gpu2: `vllm_instance_groups`: differs from host gpu1's")
     assert refusal(two_hosts(second={"vllm_instances": [{"name": "a", "port": 8001}]})).startswith(
         "host gpu2: `vllm_instances`: is set, but the host runs a stage of instance group llama405")
-
-
-def test_a_deploy_refuses_a_group_before_any_host_is_touched():
-    plan = plan_fleet(two_hosts(), ["gpu1"])
-    with pytest.raises(FleetConfigError, match="multi-host instances are planned .* not deploy them yet"):
-        groups.check_deployable(i.node for h in plan.hosts for i in h.instances)
-    groups.check_deployable(None for _ in range(3))  # single-host instances deploy as before
 
 
 def test_the_plan_table_shows_each_hosts_stage(tmp_path):

@@ -12,7 +12,7 @@ from tests.unit.systemd_units import offline_exposure, service
 TEMPLATE = "vllm@.service.j2"
 # What roles/vllm.py passes to files.template (install and data dirs at their defaults).
 VARS = {"service_user": "vllm", "env_dir": paths.ENV_DIR, "links_dir": "/opt/vllm-fleet/instances",
-        "data_dir": "/var/lib/vllm-fleet", "stop_timeout": 90}
+        "data_dir": "/var/lib/vllm-fleet", "stop_timeout": 90, "serve_script": None}
 ACCELERATORS = ("cpu", "nvidia")
 NVIDIA_DEVICES = {"char-nvidia rw", "char-nvidiactl rw", "char-nvidia-uvm rw", "char-nvidia-caps rw"}
 EXPOSURE_TARGET = 2.5
@@ -74,6 +74,14 @@ def test_both_variants_keep_the_unit_behaviour(accelerator):
                        "HF_HOME=/var/lib/vllm-fleet/hf", "VLLM_CACHE_ROOT=%C/vllm-fleet/%i",
                        "TORCHINDUCTOR_CACHE_DIR=%C/vllm-fleet/%i/inductor", "HOME=%C/vllm-fleet/%i"):
         assert assignment in env.split()
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_stage_of_a_multi_host_instance_runs_vllm_serve_in_the_same_sandbox(accelerator):
+    plain = service(render(accelerator))
+    stage = service(render(accelerator, serve_script=paths.VLLM_SERVE_PATH))
+    assert stage["ExecStart"] == [f"/opt/vllm-fleet/instances/%i/bin/python {paths.VLLM_SERVE_PATH} $ENGINE_ARGS"]
+    assert {k: v for k, v in stage.items() if k != "ExecStart"} == {k: v for k, v in plain.items() if k != "ExecStart"}
 
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
