@@ -91,7 +91,7 @@ test: setup $(MODEL)/config.json $(PROBE_VENV)/.installed $(NFT) $(PROMTOOL) $(A
 	$(FLEET) release wheelhouse $(RELEASE)
 	$(FLEET) release wheelhouse $(NEXT_RELEASE)
 	# In this order: the end-to-end tests deploy the fleet that the capacity and rollout tests use.
-	$(PY) -m pytest -v -s -m lab tests/lab/test_lab_hosts.py tests/lab/test_lab_e2e.py tests/lab/test_lab_edge.py tests/lab/test_lab_routing.py tests/lab/test_lab_bench.py tests/lab/test_lab_monitor.py tests/lab/test_lab_fallback.py tests/lab/test_lab_capacity.py tests/lab/test_lab_artifacts.py tests/lab/test_lab_rollout.py
+	$(PY) -m pytest -v -s -m lab tests/lab/test_lab_hosts.py tests/lab/test_lab_e2e.py tests/lab/test_lab_edge.py tests/lab/test_lab_routing.py tests/lab/test_lab_bench.py tests/lab/test_lab_group.py tests/lab/test_lab_monitor.py tests/lab/test_lab_fallback.py tests/lab/test_lab_capacity.py tests/lab/test_lab_artifacts.py tests/lab/test_lab_rollout.py
 
 lab-down: setup
 	$(FLEET) lab down

@@ -116,10 +116,11 @@ class Deploy:
         return dict(zip(("operations", "changed", "errors", "unchanged"), values))
 
 
-def run_deploy(*pyinfra_args: str) -> Deploy:
-    """`pyinfra -y inventories/lab.py deploys/vllm.py` with extra arguments (e.g. --data)."""
+def run_deploy(*pyinfra_args: str, inventory: str = "inventories/lab.py") -> Deploy:
+    """`pyinfra -y inventories/lab.py deploys/vllm.py` with extra arguments (e.g. --data), or
+    another inventory of the lab."""
     start = time.monotonic()
-    proc = subprocess.run([str(PYINFRA), "-y", *pyinfra_args, "inventories/lab.py", "deploys/vllm.py"], cwd=REPO,
+    proc = subprocess.run([str(PYINFRA), "-y", *pyinfra_args, inventory, "deploys/vllm.py"], cwd=REPO,
                           capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     result = Deploy(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
     print(f"\ndeploy: rc={result.returncode} in {result.seconds:.1f}s")
