@@ -104,7 +104,9 @@ def monitor_server(plan: MonitorPlan, data):
         "prometheus", [f"--storage.tsdb.path={storage}",
                        f"--storage.tsdb.retention.time={settings.value(data, 'monitor_retention')}",
                        f"--web.listen-address={monitoring.PROMETHEUS_ADDRESS}"])))
-    sandboxed_service("prometheus", prometheus_args, rules, config, writable=(storage,))
+    # Targets and rules by a reload: a restart would leave a removed target's last samples current
+    # for five minutes (no staleness marks), and `vllm-fleet status` would show it DOWN.
+    sandboxed_service("prometheus", prometheus_args, writable=(storage,), reloadable=(rules, config))
     # The webhook URL may carry a token (chat and paging bridges put one in the path): a private
     # file, which amtool checks before it replaces the running one as promtool does Prometheus's.
     receiver = private_file(name="Alertmanager receiver (checked with amtool)",

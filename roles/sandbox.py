@@ -22,10 +22,11 @@ def drop_in_path(unit: str) -> str:
 
 
 def sandboxed_service(service: str, *configuration, writable: tuple[str, ...] = (), hide_processes: bool = True,
-                      reads_clock: bool = False) -> None:
+                      reads_clock: bool = False, reloadable: tuple = ()) -> None:
     """The packaged ``service`` (its unit's name, without .service) sandboxed (``writable``: the
     folders it writes), running and enabled, restarted when its sandbox, arguments or
-    configuration (the operations ``configuration``) changed. Whether they did is known only once
+    configuration (the operations ``configuration``) changed, reloaded when only files it reads
+    again on a reload (the operations ``reloadable``) did. Whether they did is known only once
     they ran: an ``_if=`` callable, never ``did_change()`` while the deploy is being prepared."""
     unit = f"{service}.service"
     sandbox = files.put(name=f"Sandbox {unit}", dest=drop_in_path(unit),
@@ -36,6 +37,11 @@ def sandboxed_service(service: str, *configuration, writable: tuple[str, ...] = 
     # The restart first: systemd.service restarts only a running service, so one that its package
     # leaves stopped (Grafana's) starts once, on its new configuration, rather than starting on it
     # and restarting at once; one its package started (Prometheus's) restarts, then is running.
+    restart = any_changed(sandbox, *configuration)
     systemd.service(name=f"Restart {service} on its new configuration", service=service, running=None,
-                    restarted=True, _if=any_changed(sandbox, *configuration))
+                    restarted=True, _if=restart)
+    if reloadable:
+        reload = any_changed(*reloadable)
+        systemd.service(name=f"Reload {service} on its new configuration", service=service, running=None,
+                        reloaded=True, _if=lambda: reload() and not restart())
     systemd.service(name=f"Run {service}", service=service, running=True, enabled=True)

@@ -238,7 +238,7 @@ def test_a_new_webhook_rewrites_the_receiver_and_restarts_alertmanager_alone(hos
     assert "/other" in fleet.text("h2", ALERTMANAGER_YML)
 
 
-def test_a_changed_scrape_interval_rewrites_the_checked_files_and_restarts_prometheus_alone(host_data, tmp_path):
+def test_a_changed_scrape_interval_rewrites_the_checked_files_and_reloads_prometheus_alone(host_data, tmp_path):
     fleet = Fleet(host_data, tmp_path)
     fleet.deploy()
     fleet.data["h2"]["monitor_scrape_interval"] = 30
@@ -246,7 +246,7 @@ def test_a_changed_scrape_interval_rewrites_the_checked_files_and_restarts_prome
     assert changed_ops(timeline, "h1") == []
     assert changed_ops(timeline, "h2") == ["Alert rules (checked with promtool)",
                                            "Prometheus scrape targets (checked with promtool)",
-                                           "Restart prometheus on its new configuration"]
+                                           "Reload prometheus on its new configuration"]
     assert yaml.safe_load(fleet.text("h2", PROMETHEUS_YML))["global"]["scrape_interval"] == "30s"
 
 
