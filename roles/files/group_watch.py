@@ -27,7 +27,8 @@ vllm@NAME``. Then nothing is judged until /health has gone down and come back (t
 takes from 20 s to many minutes), or ``--grace`` seconds have passed. A 4xx (a changed key, an
 unknown model name) is the API server answering, which says nothing of the engine: said once,
 never a restart. On a follower, every interval: GET the leader's /health; when it stops answering
-200 (``--misses`` checks in a row) after having answered it, ``systemctl restart vllm@NAME`` (this host's stage) once, and again
+200 (refused or another status, ``--misses`` checks in a row: a slow answer is a busy leader,
+not a gone one) after having answered it, ``systemctl restart vllm@NAME`` (this host's stage) once, and again
 only after the leader has answered 200 since. Before the leader has been seen healthy (the group
 may be starting) nothing is restarted.
 
@@ -175,9 +176,13 @@ class FollowerWatch:
         self.armed = False  # ... and since this watch's last restart
         self.missed = 0  # checks in a row the leader did not answer 200
 
-    def observe(self, leader_healthy: bool, detail: str = "") -> Action:
-        # A restart of this stage breaks a group that was serving: one slow answer of a busy leader
-        # is not taken for its restart, which keeps it from answering for 20 s at the very least.
+    def observe(self, leader_healthy: bool, detail: str = "", timed_out: bool = False) -> Action:
+        # A restart of this stage breaks a group that was serving, so only a leader that is gone
+        # counts: a restarting one refuses connections (its API server listens once its engine is
+        # up) or answers non-200. One that is slow to answer (``timed_out``) is busy, or hung,
+        # which its own watchdog handles; and one miss is no restart either.
+        if timed_out:
+            return NOTHING
         self.missed = 0 if leader_healthy else self.missed + 1
         if leader_healthy:
             if self.armed:
@@ -261,7 +266,8 @@ def watch_follower(args: argparse.Namespace) -> None:
     say(f"{unit}: watching the group's leader {leader}: /health every {args.interval:g}s; {unit} is restarted "
         f"when it does not answer 200 {args.misses} times in a row (not before it has answered 200 once)")
     while True:
-        act(watch.observe(*health(endpoint)), unit)
+        healthy, detail = health(endpoint)
+        act(watch.observe(healthy, detail, timed_out=not healthy and "timed out" in detail), unit)
         time.sleep(args.interval)
 
 

@@ -144,6 +144,14 @@ def test_a_follower_restarts_once_on_the_leader_going_down_and_again_only_after_
     assert [a.say for a in (seen[2], seen[4])] == [None, None]
 
 
+def test_a_leader_slow_to_answer_is_busy_not_gone():
+    watch = FollowerWatch(UNIT, "10.0.0.5:8000", misses=2)
+    seen = [watch.observe(True)] + [watch.observe(False, "timed out", timed_out=True) for _ in range(10)]
+    assert not any(a.restart for a in seen)
+    assert watch.observe(False, "[Errno 111] Connection refused").restart is False
+    assert watch.observe(False, "[Errno 111] Connection refused").restart is True
+
+
 def test_one_slow_answer_of_the_leader_restarts_no_follower():
     watch = FollowerWatch(UNIT, "10.0.0.5:8000", misses=3)
     seen = [watch.observe(healthy, "timed out") for healthy in (True, False, False, True, False, False, True)]
