@@ -280,4 +280,7 @@ def retire_removed_instances(plan: HostPlan) -> None:
     for name in sorted(Path(f).stem for f in env_files if Path(f).stem not in kept):
         systemd.service(name=f"Stop vllm@{name} (no longer in the inventory)", service=f"vllm@{name}",
                         running=False, enabled=False)
+        # A stage stopped while it waited for its group, deaf to SIGTERM in a collective call, is
+        # killed at TimeoutStopSec and left "failed": gone from the inventory, it is no failure.
+        server.shell(name=f"Forget how vllm@{name} ended", commands=[f"systemctl reset-failed vllm@{name} || true"])
         files.file(name=f"Remove the environment of vllm@{name}", path=f"{paths.ENV_DIR}/{name}.env", present=False)

@@ -188,7 +188,7 @@ def test_instance_removed_from_the_inventory_is_stopped_and_forgotten(host_data)
         "Render the fleet's edge", "Check the nginx configuration", "Reload nginx on its new configuration",
         "Rolling update slot 1/1: out of nginx, drained", "Rolling update slot 1/1: switch, restart, prove (or put back)",
         "Rolling update slot 1/1: back into nginx",
-        "Stop vllm@b (no longer in the inventory)", "Remove the environment of vllm@b"]
+        "Stop vllm@b (no longer in the inventory)", "Forget how vllm@b ended", "Remove the environment of vllm@b"]
     assert "vllm@b.service" not in sim.running and "vllm@b.service" not in sim.enabled
     # b's port is no longer open to the load balancer.
     rules = [line.strip() for line in sim.files["/etc/vllm-fleet/firewall.nft"]["lines"]]
