@@ -250,6 +250,17 @@ def decide(rollout: Rollout, env_texts: dict[str, str], engine_args: dict[str, l
     yield from ()  # an operation that only reads facts and changes nothing
 
 
+def _edge_conf(text: str):
+    """The edge's configuration replaced in one step (a rename over it). Slots follow each other
+    within a second, and nginx reads its files after `systemctl reload` has returned: written in
+    place, the file it read for the previous slot's reload was seen half-written (the lab's CI:
+    "pread() returned only 0 bytes"), and a file cut after a complete block parses without the
+    server that listens on 443, which then refuses connections until the next reload."""
+    staged = f"{paths.NGINX_CONF}.next"  # outside conf.d/*.conf: nginx never reads it
+    yield FileUploadCommand(StringIO(text), staged)
+    yield StringCommand(f"mv -f {staged} {paths.NGINX_CONF}")
+
+
 @operation()
 def take_out(rollout: Rollout, index: int, render_conf, probe: str, drain_timeout: int):
     """On load balancers: mark the slot's instances down, reload, wait for their requests to end."""
@@ -258,7 +269,7 @@ def take_out(rollout: Rollout, index: int, render_conf, probe: str, drain_timeou
     batch = [m for m in rollout.batch(index) if m.serves]  # a group's followers are not in nginx
     if not batch:
         return
-    yield FileUploadCommand(StringIO(render_conf(down={m.upstream for m in batch})), paths.NGINX_CONF)
+    yield from _edge_conf(render_conf(down={m.upstream for m in batch}))
     yield StringCommand("nginx -t -q")
     upstreams = [arg for m in batch for arg in ("--upstream", m.upstream)]
     command = shlex.join(["python3", probe, "reload-and-drain", *upstreams, "--timeout", str(drain_timeout)])
@@ -319,7 +330,7 @@ def put_back(rollout: Rollout, index: int, render_conf):
     if not state.is_executing or host.name not in rollout.plan.lb_hosts or not rollout.batch(index):
         return
     broken = {m.upstream for m, o in rollout.outcomes.items() if o["outcome"] == "broken"}
-    yield FileUploadCommand(StringIO(render_conf(down=broken)), paths.NGINX_CONF)
+    yield from _edge_conf(render_conf(down=broken))
     yield StringCommand("nginx -t -q && systemctl reload nginx")
 
 

@@ -107,7 +107,9 @@ def test_changed_flag_restarts_only_that_instance_out_of_nginx(host_data):
     ops = deploy(fleet_plan([("h1", tuned)], ["h1"]), "h1", tuned, sim)
     assert [(op.name.split(" | ")[-1], op.commands) for op in changed(ops)] == [
         ("Rolling update slot 1/2: out of nginx, drained",
-         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q", "function run_logged"]),
+         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf.next",
+          "mv -f /etc/nginx/conf.d/vllm-fleet.conf.next /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q",
+          "function run_logged"]),
         # The staged environment (it holds the instance's key) is created root-only before it is written.
         ("Rolling update slot 1/2: switch, restart, prove (or put back)",
          ["install -m 600 /dev/null /etc/vllm-fleet/instances/a.env.next.upload",
@@ -115,7 +117,9 @@ def test_changed_flag_restarts_only_that_instance_out_of_nginx(host_data):
           "mv -f /etc/vllm-fleet/instances/a.env.next.upload /etc/vllm-fleet/instances/a.env.next",
           "function _run_switch"]),
         ("Rolling update slot 1/2: back into nginx",
-         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf", "nginx -t -q && systemctl reload nginx"]),
+         ["upload <generated> -> /etc/nginx/conf.d/vllm-fleet.conf.next",
+          "mv -f /etc/nginx/conf.d/vllm-fleet.conf.next /etc/nginx/conf.d/vllm-fleet.conf",
+          "nginx -t -q && systemctl reload nginx"]),
     ]
     assert sim.restarts == ["a"] and sim.drained == [["10.9.0.11:8001"]]
     assert 'ENGINE_ARGS="' in sim.files["/etc/vllm-fleet/instances/a.env"]["lines"][1]

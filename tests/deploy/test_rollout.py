@@ -226,8 +226,9 @@ def test_an_instance_held_down_stays_down_through_every_take_out_and_put_back(ho
     fleet.lock_digest = "d" * 64
     fleet.deploy()
     held = "server 10.9.0.12:8001 max_fails=1 fail_timeout=10s down;  # nginx_instances_down"
-    confs = [text for dest, _, text in fleet.sims["h1"].uploads if dest == CONF]
-    assert len(confs) == 1 + 2 * 3  # the first deploy's, then each slot's take-out and put-back
+    # The first deploy's, then each slot's take-out and put-back (staged, then renamed into place).
+    confs = [text for dest, _, text in fleet.sims["h1"].uploads if dest in (CONF, f"{CONF}.next")]
+    assert len(confs) == 1 + 2 * 3
     for text in confs:  # in both upstream blocks of the session policy, every time
         assert text.count(held) == 2, text
     # Restarted like the others (it is only out of nginx), and left out after the rollout.
