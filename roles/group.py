@@ -27,21 +27,17 @@ from pyinfra.operations import files, systemd
 
 from roles import gates, paths
 from roles.plan.fleet import HostPlan, Instance
+from roles.plan.groups import group_stage
 from roles.rollout import Rollout
 
 # How long the leader's rendezvous listener waits for its followers to connect.
 PREFLIGHT_TIMEOUT_S = 60
 
 
-def stage_of(plan: HostPlan | None) -> Instance | None:
-    """The host's stage of a multi-host instance, if it runs one (it then runs nothing else)."""
-    return next((i for i in plan.instances if i.node is not None), None) if plan else None
-
-
 def interface_of(plan: HostPlan) -> str | None:
     """The interface holding the host's address, for a stage whose vllm_group_interface is unset;
     None where it is set or the host runs no stage. Read from the host: ``ip`` names it."""
-    stage = stage_of(plan)
+    stage = group_stage(plan)
     if stage is None or stage.node.interface:
         return None
     found = host.get_fact(Command, command=f"ip -o addr show to {shlex.quote(plan.address)} | awk '{{print $2}}'")
@@ -88,7 +84,7 @@ def rendezvous_reached(rollout: Rollout, stage: Instance | None):
 def group_host(plan: HostPlan, rollout: Rollout) -> None:
     """On every host: the preflight of its group's rendezvous (a no-op elsewhere); on group hosts,
     `vllm serve`'s launcher for the unit, installed before the unit is rendered."""
-    stage = stage_of(plan)
+    stage = group_stage(plan)
     if stage is not None:
         files.put(name=f"Install {paths.VLLM_SERVE.name}", src=str(paths.VLLM_SERVE), dest=paths.VLLM_SERVE_PATH,
                   mode="644", create_remote_dir=True)
@@ -102,7 +98,7 @@ def group_host(plan: HostPlan, rollout: Rollout) -> None:
 def watchdog(plan: HostPlan) -> None:
     """The group's watchdog on this host (see the module's docstring), enabled and running. A
     follower's watches the leader where the followers reach it: its advertised address."""
-    stage = stage_of(plan)
+    stage = group_stage(plan)
     node = stage.node
     script = files.put(name=f"Install {paths.GROUP_WATCH.name}", src=str(paths.GROUP_WATCH),
                        dest=paths.GROUP_WATCH_PATH, mode="644", create_remote_dir=True)

@@ -26,6 +26,7 @@ from roles.facts import CompleteDirs, InstanceModels, InstanceReleases
 from roles.plan import engine, fleet
 from roles.plan.artifacts import CachePlan
 from roles.plan.fleet import FleetPlan, HostPlan
+from roles.plan.groups import group_stage
 from roles.private_files import upload_commands
 from roles.release.host import dirs_to_remove, host_install_command
 from roles.release.lock import Lock
@@ -224,7 +225,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str, model_op) -> dict[
                           service_user=user, env_dir=paths.ENV_DIR, links_dir=f"{install_dir}/instances",
                           data_dir=data_dir, stop_timeout=plan.get("vllm_stop_timeout"),
                           accelerator=plan.accelerator,
-                          serve_script=paths.VLLM_SERVE_PATH if group.stage_of(plan) else None)
+                          serve_script=paths.VLLM_SERVE_PATH if group_stage(plan) else None)
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
 
     where, interface = placements(plan), group.interface_of(plan)
@@ -254,7 +255,7 @@ def vllm_host(plan: HostPlan, rollout: Rollout, api_key: str, model_op) -> dict[
     for member in mine:
         systemd.service(name=f"Enable vllm@{member.name} at boot", service=f"vllm@{member.name}", running=None,
                         enabled=True)
-    if group.stage_of(plan):
+    if group_stage(plan):
         group.watchdog(plan)
     return env_texts
 
@@ -273,7 +274,7 @@ def retire_removed_instances(plan: HostPlan) -> None:
     and cores while the load balancer no longer sends them anything). Runs after the load
     balancer has been reconfigured without them, so no request is sent to a stopping instance."""
     kept = {inst.name for inst in plan.instances}
-    if group.stage_of(plan) is None:
+    if group_stage(plan) is None:
         # First: a follower's watchdog would start its stage again when the leader stops.
         group.retire_watchdog()
     env_files = host.get_fact(FindFiles, path=paths.ENV_DIR, fname="*.env", maxdepth=1) or []

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from roles.errors import FleetConfigError
 from roles.plan import consistency, grafana, settings
+from roles.plan.groups import group_stage
 from roles.plan.monitoring import NGINX_EXPORTER_PORT, NODE_EXPORTER_PORT
 
 if TYPE_CHECKING:
@@ -292,7 +293,7 @@ def for_fleet(fleet: FleetPlan, host_name: str, data: Mapping[str, Any], lb_addr
     of an instance group, and whether it is a load balancer, come from the plan. A follower of a
     group listens on no API port: only the instances that serve open theirs."""
     host_plan = fleet.host(host_name)
-    stage = next((i for i in host_plan.instances if i.node is not None), None) if host_plan else None
+    stage = group_stage(host_plan)
     group_peers = peer_addresses((h, fleet.host(h).data) for h in stage.node.hosts if h != host_name) \
         if stage else ()
     is_lb = host_name in fleet.lb_hosts

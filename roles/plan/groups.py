@@ -28,7 +28,7 @@ from roles.plan import setting_checks, settings
 from roles.plan.forms import INSTANCE_NAME
 
 if TYPE_CHECKING:
-    from roles.plan.fleet import HostPlan
+    from roles.plan.fleet import HostPlan, Instance
 
 DEFAULT_MASTER_PORT = 29500
 GROUP_KEYS = ("name", "hosts", "port", "master_port")
@@ -205,6 +205,11 @@ def group_nodes(plans: tuple[HostPlan, ...], entries: tuple[GroupEntry, ...]) ->
                                          host.get("vllm_group_interface"),
                                          tuple(host.get("vllm_group_rdma_devices") or ()))
     return nodes
+
+
+def group_stage(plan: HostPlan | None) -> Instance | None:
+    """The host's stage of a multi-host instance, if it runs one (it then runs nothing else)."""
+    return next((i for i in plan.instances if i.node is not None), None) if plan else None
 
 
 def interconnect_warning(node: GroupNode, accelerator: str) -> str | None:
