@@ -82,19 +82,19 @@ class FirewallPlan:
 
     @property
     def sources_v4(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.sources if s.version == 4)
+        return _addresses(self.sources, 4)
 
     @property
     def sources_v6(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.sources if s.version == 6)
+        return _addresses(self.sources, 6)
 
     @property
     def monitor_sources_v4(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.monitor_sources if s.version == 4)
+        return _addresses(self.monitor_sources, 4)
 
     @property
     def monitor_sources_v6(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.monitor_sources if s.version == 6)
+        return _addresses(self.monitor_sources, 6)
 
     @property
     def grafana_sources_v4(self) -> tuple[str, ...]:
@@ -114,11 +114,11 @@ class FirewallPlan:
 
     @property
     def group_sources_v4(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.group_sources if s.version == 4)
+        return _addresses(self.group_sources, 4)
 
     @property
     def group_sources_v6(self) -> tuple[str, ...]:
-        return tuple(s.address for s in self.group_sources if s.version == 6)
+        return _addresses(self.group_sources, 6)
 
     @property
     def group_ports(self) -> tuple[str, ...]:
@@ -143,6 +143,11 @@ class FirewallPlan:
         host at deploy time, so a port the inventory does not know never locks the operator out."""
         ssh = {*self.ssh_ports, *ports}
         return replace(self, ssh_ports=tuple(sorted(ssh)), open_tcp=tuple(p for p in self.open_tcp if p not in ssh))
+
+
+def _addresses(sources: tuple[Source, ...], version: int) -> tuple[str, ...]:
+    """The addresses of the IPv4 (4) or IPv6 (6) ones of ``sources``: a rule of its own each."""
+    return tuple(s.address for s in sources if s.version == version)
 
 
 def _of_version(networks: tuple[str, ...], version: int) -> tuple[str, ...]:
